@@ -1,0 +1,210 @@
+"""The ``clipdense`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+DEFAULT_MODEL = "RN50"
+DEFAULT_PRETRAINED = "openai"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a file through a temporary sibling and rename it, so no partial file is ever left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from clipdense.models.dense_clip_features import MODES
+
+    g = p.add_argument_group("model and inference")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture, hf-hub:org/repo or local-dir:PATH")
+    g.add_argument(
+        "--pretrained",
+        default=DEFAULT_PRETRAINED,
+        help="pretrained tag (openai, laion2b_s34b_b88k, ...) or a checkpoint file (.pt, .bin, .safetensors)",
+    )
+    g.add_argument("--random-weights", action="store_true", help="use random weights (for smoke tests only)")
+    g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default="auto", help="QuickGELU activation")
+    g.add_argument("--mode", choices=MODES, default="maskclip", help="training-free dense mode")
+    g.add_argument("--templates", default="ensemble", help="prompt templates: ensemble, imagenet, scene, single")
+    g.add_argument("--short-side", type=int, default=336, help="resize the short side to this (0: keep)")
+    g.add_argument("--window", type=int, default=224, help="sliding-window crop size")
+    g.add_argument("--stride", type=int, default=112, help="sliding-window stride")
+    g.add_argument("--whole", action="store_true", help="whole-image inference instead of sliding windows")
+    g.add_argument("--logit-scale", type=float, default=40.0, help="temperature before the softmax over classes")
+    g.add_argument("--background-threshold", type=float, default=None, help="top probability below this -> background")
+    g.add_argument("--key-smoothing", type=float, default=None, help="MaskCLIP key smoothing threshold (e.g. 0.5)")
+    g.add_argument("--prompt-denoise", type=float, default=None, help="MaskCLIP prompt denoising threshold (e.g. 0.5)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _build_predictor(args: argparse.Namespace):
+    from clipdense.clip.loading import load_clip
+    from clipdense.predictor import OpenVocabPredictor, SegmenterConfig
+
+    config = SegmenterConfig(
+        mode=args.mode,
+        templates=args.templates,
+        short_side=args.short_side or None,
+        window=None if args.whole else args.window,
+        stride=args.stride,
+        logit_scale=args.logit_scale,
+        background_threshold=args.background_threshold,
+        prompt_denoise=args.prompt_denoise,
+        key_smoothing=args.key_smoothing,
+    )
+    pretrained = None if args.random_weights else args.pretrained
+    if args.model.startswith(("hf-hub:", "local-dir:")):
+        pretrained = None
+    quick_gelu = {"auto": None, "on": True, "off": False}[args.quick_gelu]
+    clip = load_clip(args.model, pretrained, device=args.device, quick_gelu=quick_gelu)
+    return OpenVocabPredictor(clip, config)
+
+
+def _check_images(paths: Sequence[str]) -> list[Path]:
+    """Fail before any work if an input is missing or not an image."""
+    out = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise CLIError(f"image not found: {p}")
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:
+            raise CLIError(f"cannot read image '{p}': not an image file or corrupt ({type(e).__name__})") from e
+        out.append(p)
+    stems = [p.stem for p in out]
+    if len(set(stems)) != len(stems):
+        raise CLIError("two input images share a file name; their outputs would overwrite each other")
+    return out
+
+
+def _save_png(array: np.ndarray) -> Callable[[Path], None]:
+    return lambda tmp: Image.fromarray(array).save(tmp, format="PNG")
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from clipdense.data.classnames import parse_class_list, read_class_file
+    from clipdense.predictor import read_image
+    from clipdense.visualize import overlay
+
+    if (args.classes is None) == (args.classes_file is None):
+        raise CLIError("give the classes either with --classes 'cat, grass, sky' or with --classes-file FILE")
+    classes = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
+    images = _check_images(args.images)
+    predictor = _build_predictor(args)
+    names = predictor.set_classes(classes)
+    out_dir = Path(args.out)
+    for path in tqdm(images, desc="segment", unit="img", disable=len(images) < 2):
+        image = read_image(path)
+        predictor.set_image(image)
+        seg = predictor.predict()
+        labels = seg.labels.numpy().astype(np.uint8 if len(names) <= 256 else np.uint16)
+        picture = overlay(image, seg.labels, names)
+        report = {
+            "image": str(path),
+            "size": list(seg.labels.shape),
+            "classes": names,
+            "areas": seg.areas(),
+            "settings": predictor.describe(),
+        }
+        atomic_write(out_dir / f"{path.stem}_overlay.png", lambda tmp, im=picture: im.save(tmp, format="PNG"))
+        atomic_write(out_dir / f"{path.stem}_labels.png", _save_png(labels))
+        atomic_write(out_dir / f"{path.stem}.json", lambda tmp, r=report: tmp.write_text(json.dumps(r, indent=2)))
+        if len(images) == 1:
+            present = {n: a["fraction"] for n, a in report["areas"].items() if a["pixels"]}
+            print(f"{path}: " + ", ".join(f"{n} {100 * f:.1f}%" for n, f in present.items()))
+    print(f"wrote {3 * len(images)} files to {out_dir}")
+
+
+def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
+    from clipdense.data.datasets import build_dataset
+    from clipdense.evaluation.metrics import SegmentationMetric
+
+    dataset = build_dataset(args.dataset, args.root, args.split)
+    predictor = _build_predictor(args)
+    names = predictor.set_classes(dataset.class_names)
+    if len(names) != dataset.num_classes:
+        raise CLIError(
+            f"{args.dataset} has {dataset.num_classes} classes but the predictor has {len(names)}: "
+            "--background-threshold needs a dataset whose class list starts with 'background'"
+        )
+    metric = SegmentationMetric(dataset.num_classes, ignore_index=dataset.ignore_index, class_names=names)
+    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    for i in tqdm(range(count), desc=f"eval {args.dataset}", unit="img"):
+        sample = dataset[i]
+        predictor.set_image(sample["image"])
+        metric.update(predictor.predict().labels, sample["label"])
+    report = metric.compute()
+    print(report.format_table())
+    out = Path(args.out or f"eval_{args.dataset}_{args.mode}.json")
+    payload = {"dataset": args.dataset, "images": count, "settings": predictor.describe(), **report.to_dict()}
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    print(f"saved {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipdense", description="Language-guided dense prediction with CLIP.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment images into classes named in words (no training)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--classes", help="comma-separated classes ('cat, grass, sky'); ';' separates classes with synonyms")
+    p.add_argument("--classes-file", help="text file, one class per line (comma-separated synonyms)")
+    p.add_argument("--out", default="outputs", help="output folder")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_segment)
+
+    from clipdense.data.datasets import list_datasets
+
+    p = sub.add_parser("eval-zeroshot", help="training-free evaluation on a segmentation dataset")
+    p.add_argument("--dataset", required=True, choices=list_datasets())
+    p.add_argument("--root", required=True, help="dataset folder in its standard layout")
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--out", default=None, help="JSON report path")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_eval_zeroshot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from clipdense.clip.loading import CLIPLoadError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (CLIError, CLIPLoadError, ValueError, FileNotFoundError) as e:
+        print(f"clipdense: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

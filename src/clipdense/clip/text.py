@@ -1,0 +1,161 @@
+"""Text-side embeddings for open-vocabulary dense prediction: prompt ensembles and synonyms.
+
+MaskCLIP (Zhou et al., ECCV 2022) and its successors embed each class with the 80 CLIP
+ImageNet templates plus 5 scene templates, average the l2-normalised embeddings and
+renormalise. A class may carry comma-separated synonyms; it then scores the max over them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from clipdense.clip.loading import LoadedCLIP
+from clipdense.data.classnames import synonyms as split_synonyms
+
+SCENE_TEMPLATES: tuple[str, ...] = (
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+)
+IMAGENET_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "ensemble": IMAGENET_TEMPLATES + SCENE_TEMPLATES,
+    "imagenet": IMAGENET_TEMPLATES,
+    "scene": SCENE_TEMPLATES,
+    "single": ("a photo of a {}.",),
+}
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """Turn a template-set name (``ensemble``, ``imagenet``, ``scene``, ``single``) or a list of
+    format strings with one ``{}`` each into a tuple of format strings."""
+    if isinstance(templates, str):
+        if templates not in TEMPLATE_SETS:
+            raise ValueError(f"unknown template set '{templates}'; choose one of {sorted(TEMPLATE_SETS)}")
+        return TEMPLATE_SETS[templates]
+    templates = tuple(templates)
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise ValueError("each template needs exactly one '{}' placeholder for the class name")
+    return templates
+
+
+@dataclass
+class ClassEmbeddings:
+    """Text embeddings of a class list in which each class may have several synonyms.
+
+    Attributes:
+        embeddings: S x D l2-normalised embeddings, one per synonym.
+        class_index: S class index of each synonym (in 0..C-1).
+        class_names: C display names (first synonym of each class).
+    """
+
+    embeddings: torch.Tensor
+    class_index: torch.Tensor
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine scores of dense features against every class (max over its synonyms).
+
+        Args:
+            features: B x D x H x W features (not necessarily normalised).
+
+        Returns:
+            B x C x H x W cosine similarities.
+        """
+        feats = F.normalize(features, dim=1)
+        sims = torch.einsum("bdhw,sd->bshw", feats, self.embeddings.to(feats.dtype))
+        return self.reduce_synonyms(sims)
+
+    def reduce_synonyms(self, sims: torch.Tensor) -> torch.Tensor:
+        """B x S x ... synonym scores -> B x C x ... class scores (max over each class's synonyms)."""
+        if sims.shape[1] == self.num_classes:
+            return sims
+        index = self.class_index.to(sims.device).view(1, -1, *([1] * (sims.dim() - 2))).expand_as(sims)
+        out = sims.new_full((sims.shape[0], self.num_classes, *sims.shape[2:]), float("-inf"))
+        return out.scatter_reduce(1, index, sims, reduce="amax")
+
+
+class TextEmbedder:
+    """Encodes class names with a CLIP text tower, with template ensembles and a cache.
+
+    The cache is keyed by (model weights fingerprint, templates, name), so the same names are
+    encoded once per model and template set.
+
+    Args:
+        clip: A loaded CLIP model.
+        templates: Template-set name or format strings (see :func:`resolve_templates`).
+        chunk_size: Prompts encoded per text-tower call (bounds memory for large vocabularies).
+        max_cache: Names kept in the cache.
+    """
+
+    def __init__(
+        self,
+        clip: LoadedCLIP,
+        templates: str | Sequence[str] = "ensemble",
+        chunk_size: int = 256,
+        max_cache: int = 10000,
+    ) -> None:
+        self.clip = clip
+        self.templates = resolve_templates(templates)
+        self.chunk_size = chunk_size
+        self.max_cache = max_cache
+        self._cache: OrderedDict[tuple[str, tuple[str, ...], str], torch.Tensor] = OrderedDict()
+
+    @torch.inference_mode()
+    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        model = self.clip.model
+        device = next(model.parameters()).device
+        out = []
+        for i in range(0, len(prompts), self.chunk_size):
+            tokens = self.clip.tokenizer(prompts[i : i + self.chunk_size]).to(device)
+            out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+        return torch.cat(out)
+
+    def encode_names(self, names: Sequence[str]) -> torch.Tensor:
+        """Embed plain names (no synonyms): N x D, l2-normalised template-ensemble means."""
+        key = lambda n: (self.clip.fingerprint, self.templates, n)  # noqa: E731
+        todo = list(dict.fromkeys(n for n in names if key(n) not in self._cache))
+        if todo:
+            prompts = [t.format(n) for n in todo for t in self.templates]
+            emb = self._encode_prompts(prompts).view(len(todo), len(self.templates), -1)
+            emb = F.normalize(emb.mean(dim=1), dim=-1)
+            for n, e in zip(todo, emb, strict=True):
+                self._cache[key(n)] = e
+                if len(self._cache) > self.max_cache:
+                    self._cache.popitem(last=False)
+        return torch.stack([self._cache[key(n)] for n in names])
+
+    def encode_classes(self, classes: Sequence[str]) -> ClassEmbeddings:
+        """Embed a class list; each entry may hold comma-separated synonyms.
+
+        Args:
+            classes: C entries such as ``["cat, kitty", "grass", "sky"]``.
+
+        Returns:
+            The S synonym embeddings with their class index.
+        """
+        if not classes:
+            raise ValueError("the class list is empty: name at least one class")
+        synonyms = [split_synonyms(c) for c in classes]
+        if not all(synonyms):
+            raise ValueError(f"empty class entry in {list(classes)}")
+        names = [s[0] for s in synonyms]
+        lowered = [n.lower() for n in names]
+        dupes = sorted({n for n in lowered if lowered.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate classes in the class list: {dupes}")
+        flat = [w for s in synonyms for w in s]
+        index = torch.tensor([i for i, s in enumerate(synonyms) for _ in s], dtype=torch.long)
+        return ClassEmbeddings(self.encode_names(flat), index, names)

@@ -1,0 +1,547 @@
+"""Readers for semantic-segmentation datasets in their standard folder layouts.
+
+Every reader yields ``{"image": uint8 [3, H, W] RGB, "label": int64 [H, W] train ids, "image_path": str,
+"label_path": str}``. Raw mask values are turned into train ids ``0..C-1`` (and ``ignore_index``) by a
+:class:`LabelConvention`. ``root`` is always the dataset's own top folder, as in mmsegmentation's ``data/``
+folder (e.g. ``data/VOCdevkit/VOC2012``, ``data/ADEChallengeData2016``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from .classnames import load_classnames, read_class_file
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_MAX_LISTED = 5  # how many offending files/values an error message names
+
+
+@dataclass(frozen=True)
+class LabelConvention:
+    """How raw mask values map to train ids.
+
+    Conversion order: ``lookup`` (if given) maps each raw value ``v`` to ``lookup[v]``; then, with
+    ``reduce_zero_label``, 0 becomes ``ignore_index`` and every other value ``k`` becomes ``k - 1``
+    (``ignore_index`` stays ``ignore_index``). The result must lie in ``0..num_classes-1`` or equal
+    ``ignore_index``.
+
+    Attributes:
+        num_classes: Number of train classes C.
+        ignore_index: Label value excluded from training and evaluation.
+        reduce_zero_label: Whether raw 0 means "unlabelled" and the classes start at raw 1.
+        lookup: Optional table remapping raw values, indexed by raw value.
+    """
+
+    num_classes: int
+    ignore_index: int = 255
+    reduce_zero_label: bool = False
+    lookup: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if 0 <= self.ignore_index < self.num_classes:
+            raise ValueError(
+                f"ignore_index {self.ignore_index} collides with a class id (0..{self.num_classes - 1}); "
+                "use a value outside the class range such as 255"
+            )
+
+    def apply(self, raw: np.ndarray, source: str = "<array>") -> np.ndarray:
+        """Converts raw mask values to train ids.
+
+        Args:
+            raw: Raw mask ``[H, W]`` of integer (or bool) values.
+            source: File name used in error messages.
+
+        Returns:
+            Train ids ``[H, W]``, int64, in ``0..num_classes-1`` or ``ignore_index``.
+
+        Raises:
+            ValueError: If the mask is not single-channel integer data, or a value is out of range after
+                conversion.
+        """
+        if raw.ndim != 2:
+            raise ValueError(
+                f"{source}: a label mask must be a single-channel H x W image of class indices, got an "
+                f"array of shape {tuple(raw.shape)}; convert colour-coded (RGB) masks to index masks first"
+            )
+        if not (np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_):
+            raise ValueError(f"{source}: label mask must hold integer class indices, got dtype {raw.dtype}")
+        label = raw.astype(np.int64)
+        if self.lookup is not None:
+            table = np.asarray(self.lookup, dtype=np.int64)
+            outside = (label < 0) | (label >= len(table))
+            if outside.any():
+                raise ValueError(
+                    f"{source}: raw label values {_few(np.unique(label[outside]))} are not covered by the "
+                    f"lookup table (which maps raw values 0..{len(table) - 1}); check the dataset type"
+                )
+            label = table[label]
+        if self.reduce_zero_label:
+            was_ignore = label == self.ignore_index
+            label = label - 1
+            label[label == -1] = self.ignore_index
+            label[was_ignore] = self.ignore_index
+        bad = (label != self.ignore_index) & ((label < 0) | (label >= self.num_classes))
+        if bad.any():
+            raise ValueError(
+                f"{source}: raw label values {_few(np.unique(raw[bad]))} are out of range: after conversion "
+                f"(reduce_zero_label={self.reduce_zero_label}) labels must be 0..{self.num_classes - 1} or "
+                f"{self.ignore_index} (ignore). Check that the dataset name matches the annotation files "
+                "(e.g. *_labelTrainIds.png, not *_labelIds.png) and that the masks are index masks"
+            )
+        return label
+
+
+def read_image_rgb(path: str | Path, apply_exif_orientation: bool = False) -> torch.Tensor:
+    """Reads an image file as RGB with PIL (grayscale, palette and CMYK images are converted).
+
+    PIL rather than ``torchvision.io.decode_image``, whose decoders are deprecated since torchvision 0.29.
+
+    Args:
+        path: Image file.
+        apply_exif_orientation: Rotate/flip as the EXIF orientation tag says (for user photos). Keep False
+            for datasets: their annotation masks are aligned with the stored pixels.
+
+    Returns:
+        ``[3, H, W]`` uint8 tensor.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} not found")
+    try:
+        with Image.open(path) as image:
+            if apply_exif_orientation:
+                image = ImageOps.exif_transpose(image)
+            array = np.array(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"could not decode image {path} ({error}); the file is corrupt or not an image: re-extract the "
+            "dataset or remove this file from the split"
+        ) from error
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Reads a label mask as stored (palette PNGs give palette indices, not colours).
+
+    Args:
+        path: Mask file (usually PNG).
+
+    Returns:
+        Raw mask array, ``[H, W]`` for single-channel masks.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label mask {path} not found")
+    try:
+        with Image.open(path) as mask:
+            return np.array(mask)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"could not decode label mask {path} ({error}); the file is corrupt or not an image: "
+            "re-extract the dataset or remove this file from the split"
+        ) from error
+
+
+class SegmentationDataset(Dataset):
+    """Image/mask pairs with a label convention.
+
+    Args:
+        samples: ``(image_path, mask_path)`` pairs.
+        class_names: One entry per train id (synonyms allowed, see :mod:`clipdense.data.classnames`).
+        convention: Mapping from raw mask values to train ids.
+        name: Dataset name, for messages.
+        transform: Optional callable applied to each sample dict before it is returned.
+
+    Items are dicts ``{"image": uint8 [3, H, W], "label": int64 [H, W], "image_path": str,
+    "label_path": str}``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str | Path, str | Path]],
+        class_names: Sequence[str],
+        convention: LabelConvention,
+        name: str = "custom",
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        if len(samples) == 0:
+            raise ValueError(f"{name}: the dataset has no samples; check the root folder and split")
+        if len(class_names) != convention.num_classes:
+            raise ValueError(
+                f"{name}: {len(class_names)} class names given but the label convention has "
+                f"{convention.num_classes} classes; they must match"
+            )
+        self.samples = [(Path(image), Path(mask)) for image, mask in samples]
+        self.class_names = list(class_names)
+        self.convention = convention
+        self.name = name
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        """Number of train classes C."""
+        return self.convention.num_classes
+
+    @property
+    def ignore_index(self) -> int:
+        """Label value to ignore."""
+        return self.convention.ignore_index
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_path, label_path = self.samples[index]
+        image = read_image_rgb(image_path)
+        raw = read_mask(label_path)
+        if tuple(raw.shape[:2]) != tuple(image.shape[1:]):
+            raise ValueError(
+                f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[2]} (H x W) but its "
+                f"mask {label_path} is {raw.shape[0]}x{raw.shape[1]}; masks must have exactly the image size "
+                "(pair the right files and do not resize annotations)"
+            )
+        label = torch.from_numpy(self.convention.apply(raw, source=str(label_path)))
+        sample = {
+            "image": image,
+            "label": label,
+            "image_path": str(image_path),
+            "label_path": str(label_path),
+        }
+        return self.transform(sample) if self.transform is not None else sample
+
+    def __repr__(self) -> str:
+        return f"SegmentationDataset(name={self.name!r}, samples={len(self)}, num_classes={self.num_classes})"
+
+
+FindSamples = Callable[[Path, str], list[tuple[Path, Path]]]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Describes one dataset layout.
+
+    Attributes:
+        name: Dataset name as passed to :func:`build_dataset`.
+        class_list: Name of the shipped class list, or None when read from ``root/classes.txt``.
+        has_background: Whether train id 0 is a "background" class.
+        convention: Label convention, or None when derived from ``root/classes.txt``.
+        layout: Human-readable folder layout, shown in error messages.
+        find_samples: ``(root, split) -> [(image_path, mask_path), ...]``.
+    """
+
+    name: str
+    class_list: str | None
+    has_background: bool
+    convention: LabelConvention | None
+    layout: str
+    find_samples: FindSamples = field(repr=False)
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+
+_VOC_LAYOUT = """\
+VOCdevkit/VOC2012/                     <- root
+  JPEGImages/<id>.jpg
+  SegmentationClass/<id>.png           palette PNG: 0 background, 1..20 classes, 255 border
+  ImageSets/Segmentation/<split>.txt   one image id per line (train, val, trainval)"""
+
+_CONTEXT_LAYOUT = """\
+VOCdevkit/VOC2010/                          <- root
+  JPEGImages/<id>.jpg
+  SegmentationClassContext/<id>.png         0 background, 1..59 classes (59-class masks, as made by
+                                            mmsegmentation's tools/dataset_converters/pascal_context.py)
+  ImageSets/SegmentationContext/<split>.txt one image id per line (train, val)"""
+
+_COCOSTUFF_LAYOUT = """\
+coco_stuff164k/                                          <- root
+  images/{train2017,val2017}/<id>.jpg
+  annotations/{train2017,val2017}/<id>_labelTrainIds.png 0..170, 255 ignore (as made by mmsegmentation's
+                                                         tools/dataset_converters/coco_stuff164k.py)"""
+
+_COCOOBJECT_LAYOUT = """\
+coco_stuff164k/                                             <- root
+  images/{train2017,val2017}/<id>.jpg
+  annotations/{train2017,val2017}/<id>_instanceTrainIds.png 0 background, 1..80 objects, 255 ignore
+                                                            (converted from the COCO instance annotations)"""
+
+_CITYSCAPES_LAYOUT = """\
+cityscapes/                                                <- root
+  leftImg8bit/<split>/<city>/<prefix>_leftImg8bit.png
+  gtFine/<split>/<city>/<prefix>_gtFine_labelTrainIds.png  0..18, 255 ignore (as made by cityscapesscripts'
+                                                           createTrainIdLabelImgs)"""
+
+_ADE_LAYOUT = """\
+ADEChallengeData2016/                          <- root
+  images/{training,validation}/<id>.jpg
+  annotations/{training,validation}/<id>.png   0 other (ignored), 1..150 classes"""
+
+_FOLDER_LAYOUT = """\
+<root>/
+  classes.txt           one class name per line (line i = label value i)
+  images/<stem>.<ext>   ext: jpg, jpeg, png, bmp, tif, tiff or webp
+  masks/<stem>.png      labels 0..C-1, 255 ignore
+  <split>.txt           optional, one stem per line; without any split files all images are used"""
+
+_COCO_SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017", "val2017": "val2017"}
+_ADE_SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
+
+
+def _few(values: Sequence[Any] | np.ndarray) -> str:
+    values = [str(v) for v in list(values)]
+    more = f" ... ({len(values)} in total)" if len(values) > _MAX_LISTED else ""
+    return "[" + ", ".join(values[:_MAX_LISTED]) + more + "]"
+
+
+def _require(path: Path, what: str, name: str, layout: str, is_dir: bool = True) -> Path:
+    if not (path.is_dir() if is_dir else path.is_file()):
+        kind = "folder" if is_dir else "file"
+        raise FileNotFoundError(f"{name}: expected {what} {kind} {path} was not found. Expected layout:\n{layout}")
+    return path
+
+
+def _map_split(split: str, mapping: dict[str, str], name: str) -> str:
+    if split not in mapping:
+        raise ValueError(f"{name}: unknown split {split!r}; use one of {', '.join(sorted(mapping))}")
+    return mapping[split]
+
+
+def _check_pairs(
+    pairs: list[tuple[Path, Path]], name: str, split: str, where: Path, layout: str
+) -> list[tuple[Path, Path]]:
+    if not pairs:
+        raise ValueError(
+            f"{name}: split {split!r} is empty (no images found under {where}). Expected layout:\n{layout}"
+        )
+    missing_images = [image for image, _ in pairs if not image.is_file()]
+    if missing_images:
+        raise FileNotFoundError(
+            f"{name}: {len(missing_images)} image(s) of split {split!r} not found: {_few(missing_images)}. "
+            f"Expected layout:\n{layout}"
+        )
+    missing_masks = [(image, mask) for image, mask in pairs if not mask.is_file()]
+    if missing_masks:
+        listed = _few([f"{image} (expected mask {mask})" for image, mask in missing_masks])
+        raise FileNotFoundError(
+            f"{name}: {len(missing_masks)} image(s) of split {split!r} have no label mask: {listed}. "
+            f"Expected layout:\n{layout}"
+        )
+    return pairs
+
+
+def _read_ids(split_file: Path) -> list[str]:
+    return [line.strip() for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _find_with_split_file(
+    root: Path, split: str, *, name: str, layout: str, image_dir: str, mask_dir: str, split_dir: str
+) -> list[tuple[Path, Path]]:
+    images = _require(root / image_dir, "image", name, layout)
+    masks = _require(root / mask_dir, "mask", name, layout)
+    split_file = _require(root / split_dir / f"{split}.txt", "split", name, layout, is_dir=False)
+    pairs = [(images / f"{i}.jpg", masks / f"{i}.png") for i in _read_ids(split_file)]
+    return _check_pairs(pairs, name, split, split_file, layout)
+
+
+def _find_coco(root: Path, split: str, *, name: str, layout: str, mask_suffix: str) -> list[tuple[Path, Path]]:
+    folder = _map_split(split, _COCO_SPLITS, name)
+    images = _require(root / "images" / folder, "image", name, layout)
+    masks = _require(root / "annotations" / folder, "annotation", name, layout)
+    pairs = [(image, masks / f"{image.stem}{mask_suffix}") for image in sorted(images.glob("*.jpg"))]
+    return _check_pairs(pairs, name, split, images, layout)
+
+
+def _find_cityscapes(root: Path, split: str, *, name: str, layout: str) -> list[tuple[Path, Path]]:
+    images = _require(root / "leftImg8bit" / split, "image", name, layout)
+    masks = _require(root / "gtFine" / split, "annotation", name, layout)
+    suffix = "_leftImg8bit.png"
+    pairs = []
+    for image in sorted(images.glob(f"*/*{suffix}")):
+        prefix = image.name[: -len(suffix)]
+        pairs.append((image, masks / image.parent.name / f"{prefix}_gtFine_labelTrainIds.png"))
+    return _check_pairs(pairs, name, split, images, layout)
+
+
+def _find_ade(root: Path, split: str, *, name: str, layout: str) -> list[tuple[Path, Path]]:
+    folder = _map_split(split, _ADE_SPLITS, name)
+    images = _require(root / "images" / folder, "image", name, layout)
+    masks = _require(root / "annotations" / folder, "annotation", name, layout)
+    pairs = [(image, masks / f"{image.stem}.png") for image in sorted(images.glob("*.jpg"))]
+    return _check_pairs(pairs, name, split, images, layout)
+
+
+def _find_folder(root: Path, split: str, *, name: str, layout: str) -> list[tuple[Path, Path]]:
+    images_dir = _require(root / "images", "image", name, layout)
+    masks = _require(root / "masks", "mask", name, layout)
+    by_stem: dict[str, Path] = {}
+    for image in sorted(images_dir.iterdir()):
+        if image.is_file() and image.suffix.lower() in IMAGE_EXTENSIONS:
+            if image.stem in by_stem:
+                raise ValueError(
+                    f"{name}: images {by_stem[image.stem]} and {image} share the stem {image.stem!r}; "
+                    "masks are matched by stem, so rename or remove one of them"
+                )
+            by_stem[image.stem] = image
+    split_file = root / f"{split}.txt"
+    if split_file.is_file():
+        stems = _read_ids(split_file)
+        unknown = [stem for stem in stems if stem not in by_stem]
+        if unknown:
+            raise FileNotFoundError(
+                f"{name}: {len(unknown)} stem(s) listed in {split_file} have no image in {images_dir}: "
+                f"{_few(unknown)}. Expected layout:\n{layout}"
+            )
+        where = split_file
+    else:
+        other_splits = sorted(p.name for p in root.glob("*.txt") if p.name != "classes.txt")
+        if other_splits:
+            raise FileNotFoundError(
+                f"{name}: split file {split_file} not found, but {', '.join(other_splits)} exist; create "
+                "it or pick an existing split (without any split files all images form every split)"
+            )
+        stems, where = sorted(by_stem), images_dir
+    pairs = [(by_stem[stem], masks / f"{stem}.png") for stem in stems]
+    return _check_pairs(pairs, name, split, where, layout)
+
+
+def _spec(
+    name: str,
+    class_list: str | None,
+    has_background: bool,
+    convention: LabelConvention | None,
+    layout: str,
+    find: Callable[..., list[tuple[Path, Path]]],
+    **find_kwargs: str,
+) -> DatasetSpec:
+    return DatasetSpec(
+        name,
+        class_list,
+        has_background,
+        convention,
+        layout,
+        partial(find, name=name, layout=layout, **find_kwargs),
+    )
+
+
+_VOC_DIRS = {
+    "image_dir": "JPEGImages",
+    "mask_dir": "SegmentationClass",
+    "split_dir": "ImageSets/Segmentation",
+}
+_CONTEXT_DIRS = {
+    "image_dir": "JPEGImages",
+    "mask_dir": "SegmentationClassContext",
+    "split_dir": "ImageSets/SegmentationContext",
+}
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        _spec("voc21", "voc21", True, LabelConvention(21), _VOC_LAYOUT, _find_with_split_file, **_VOC_DIRS),
+        _spec(
+            "voc20",
+            "voc20",
+            False,
+            LabelConvention(20, reduce_zero_label=True),
+            _VOC_LAYOUT,
+            _find_with_split_file,
+            **_VOC_DIRS,
+        ),
+        _spec(
+            "context60",
+            "context60",
+            True,
+            LabelConvention(60),
+            _CONTEXT_LAYOUT,
+            _find_with_split_file,
+            **_CONTEXT_DIRS,
+        ),
+        _spec(
+            "context59",
+            "context59",
+            False,
+            LabelConvention(59, reduce_zero_label=True),
+            _CONTEXT_LAYOUT,
+            _find_with_split_file,
+            **_CONTEXT_DIRS,
+        ),
+        _spec(
+            "cocostuff171",
+            "cocostuff171",
+            False,
+            LabelConvention(171),
+            _COCOSTUFF_LAYOUT,
+            _find_coco,
+            mask_suffix="_labelTrainIds.png",
+        ),
+        _spec(
+            "cocoobject",
+            "cocoobject",
+            True,
+            LabelConvention(81),
+            _COCOOBJECT_LAYOUT,
+            _find_coco,
+            mask_suffix="_instanceTrainIds.png",
+        ),
+        _spec("cityscapes", "cityscapes", False, LabelConvention(19), _CITYSCAPES_LAYOUT, _find_cityscapes),
+        _spec("ade20k", "ade20k", False, LabelConvention(150, reduce_zero_label=True), _ADE_LAYOUT, _find_ade),
+        _spec("folder", None, False, None, _FOLDER_LAYOUT, _find_folder),
+    )
+}
+
+
+def list_datasets() -> list[str]:
+    """Returns the names accepted by :func:`build_dataset`."""
+    return list(DATASETS)
+
+
+def build_dataset(name: str, root: str | Path, split: str = "val") -> SegmentationDataset:
+    """Builds a dataset reader for one of the standard layouts.
+
+    Args:
+        name: One of :func:`list_datasets` (see :data:`DATASETS` for layouts).
+        root: The dataset's own top folder, e.g. ``data/VOCdevkit/VOC2012``.
+        split: Split name, e.g. ``"val"`` or ``"train"``.
+
+    Returns:
+        The dataset, with ``class_names`` from the shipped list (``folder``: from ``root/classes.txt``).
+
+    Raises:
+        ValueError: On an unknown dataset or split name, or an empty split.
+        FileNotFoundError: If a folder or file of the layout is missing, or an image has no mask.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{name}: dataset root {root} does not exist or is not a folder. Expected layout:\n{spec.layout}"
+        )
+    if spec.class_list is None:
+        class_file = _require(root / "classes.txt", "class list", name, spec.layout, is_dir=False)
+        class_names = read_class_file(class_file)
+        convention = LabelConvention(len(class_names))
+    else:
+        assert spec.convention is not None
+        class_names, convention = load_classnames(spec.class_list), spec.convention
+    samples = spec.find_samples(root, split)
+    return SegmentationDataset(samples, class_names, convention, name=name)

@@ -1,0 +1,281 @@
+"""Training-free open-vocabulary segmentation with CLIP (MaskCLIP and its successors).
+
+``OpenVocabPredictor`` follows segment-anything's pattern: ``set_image`` once (the image
+features are computed and kept), ``set_classes`` with any words, ``predict`` as often as needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from clipdense.clip.loading import LoadedCLIP
+from clipdense.clip.text import ClassEmbeddings, TextEmbedder
+from clipdense.data.classnames import display_name
+from clipdense.data.datasets import read_image_rgb
+from clipdense.models.dense_clip_features import MODES, dense_clip_encoder
+
+# Temperature MaskCLIP uses inside its refinements (prompt denoising, key smoothing).
+REFINE_SCALE = 100.0
+
+
+def read_image(image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Read an image into a 3 x H x W uint8 RGB tensor.
+
+    Args:
+        image: A file path, a PIL image, an H x W x 3 uint8 array or a 3 x H x W uint8 tensor.
+
+    Raises:
+        FileNotFoundError: The path does not exist.
+        ValueError: The file is not an image, or the array/tensor has the wrong shape or dtype.
+    """
+    if isinstance(image, (str, Path)):
+        return read_image_rgb(image)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an H x W x 3 uint8 RGB array, got {image.shape} {image.dtype}")
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"expected a 3 x H x W uint8 tensor, got {tuple(image.shape)} {image.dtype}")
+    return image
+
+
+@dataclass
+class SegmenterConfig:
+    """Inference settings; the defaults follow the shared protocol of MaskCLIP's successors.
+
+    Attributes:
+        mode: Dense mode (``maskclip``, ``sclip``, ``clearclip``, ``naclip``, ``vanilla``).
+        templates: Prompt template set (``ensemble`` = 80 ImageNet + 5 scene templates, ``single``).
+        short_side: Resize the shorter image side to this before inference (None: keep).
+        window: Sliding-window crop size; None for whole-image inference.
+        stride: Sliding-window stride.
+        logit_scale: Temperature applied to cosine scores before the softmax over classes.
+        background_threshold: Pixels whose top class probability is below this become background
+            (a ``background`` class is prepended when the list has none).
+        prompt_denoise: MaskCLIP prompt denoising threshold (0.5 in MaskCLIP+); None: off.
+        key_smoothing: MaskCLIP key smoothing threshold (0.5 in MaskCLIP+); None: off.
+        window_batch: Windows encoded per forward pass.
+    """
+
+    mode: str = "maskclip"
+    templates: str = "ensemble"
+    short_side: int | None = 336
+    window: int | None = 224
+    stride: int = 112
+    logit_scale: float = 40.0
+    background_threshold: float | None = None
+    prompt_denoise: float | None = None
+    key_smoothing: float | None = None
+    window_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode '{self.mode}'; choose one of {MODES}")
+        if self.window is not None and not 0 < self.stride <= self.window:
+            raise ValueError(f"stride must be in (0, window]; got stride {self.stride}, window {self.window}")
+        for name in ("background_threshold", "prompt_denoise", "key_smoothing"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1]; got {value}")
+
+
+@dataclass
+class Segmentation:
+    """A segmentation at the input image's resolution.
+
+    Attributes:
+        labels: H x W int64 class indices into ``class_names``.
+        probs: C x H x W class probabilities (softmax of ``logit_scale`` x scores).
+        class_names: C display names.
+    """
+
+    labels: torch.Tensor
+    probs: torch.Tensor
+    class_names: list[str]
+
+    def areas(self) -> dict[str, dict[str, float]]:
+        """Pixel count and fraction of the image for every class."""
+        counts = torch.bincount(self.labels.flatten(), minlength=len(self.class_names)).tolist()
+        total = self.labels.numel()
+        return {n: {"pixels": int(c), "fraction": c / total} for n, c in zip(self.class_names, counts, strict=True)}
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of sliding windows covering ``size`` (the last window ends at the border)."""
+    if size <= crop:
+        return [0]
+    n = math.ceil((size - crop) / stride) + 1
+    return [min(i * stride, size - crop) for i in range(n)]
+
+
+def prompt_denoise(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """MaskCLIP prompt denoising: drop classes that are confident nowhere in the image.
+
+    Args:
+        scores: B x C x h x w cosine scores.
+        threshold: A class whose max over pixels of softmax(100 * scores) is below it gets -100.
+    """
+    conf = F.softmax(scores * REFINE_SCALE, dim=1).flatten(2).amax(dim=2)  # B x C
+    return scores.masked_fill((conf < threshold)[:, :, None, None], -100.0)
+
+
+def key_smoothing(scores: torch.Tensor, keys: torch.Tensor, threshold: float) -> torch.Tensor:
+    """MaskCLIP key smoothing: low-confidence pixels take the key-affinity-weighted class
+    probabilities of all pixels, P_i <- sum_j (k_i . k_j) P_j with l2-normalised keys.
+
+    Args:
+        scores: B x C x h x w cosine scores.
+        keys: B x Ck x h x w keys of the last attention.
+        threshold: Pixels whose max of softmax(100 * scores) is below it are smoothed.
+
+    Returns:
+        B x C x h x w scores s' with softmax(100 * s') equal to the smoothed (renormalised)
+        probabilities; unsmoothed pixels keep their probabilities exactly.
+    """
+    b, c, h, w = scores.shape
+    probs = F.softmax(scores * REFINE_SCALE, dim=1).flatten(2)  # B x C x N
+    k = F.normalize(keys.flatten(2), dim=1)  # B x Ck x N
+    smoothed = probs @ (k.transpose(1, 2) @ k)  # sum_j P_j W_ji
+    low = probs.amax(dim=1, keepdim=True) < threshold
+    probs = torch.where(low, smoothed, probs).clamp_min(1e-12)
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    return (probs.log() / REFINE_SCALE).view(b, c, h, w)
+
+
+class OpenVocabPredictor:
+    """Segment an image into classes named in words, with no training.
+
+    Args:
+        clip: A loaded CLIP model (see :func:`clipdense.clip.load_clip`).
+        config: Inference settings.
+        text: A text embedder to share between predictors (its cache); built if None.
+    """
+
+    def __init__(self, clip: LoadedCLIP, config: SegmenterConfig | None = None, text: TextEmbedder | None = None):
+        self.clip = clip
+        self.config = config or SegmenterConfig()
+        self.encoder = dense_clip_encoder(clip.model.visual, self.config.mode).eval()
+        self.text = text or TextEmbedder(clip, self.config.templates)
+        self.device = next(clip.model.parameters()).device
+        self._mean = torch.tensor(clip.mean, device=self.device).view(3, 1, 1)
+        self._std = torch.tensor(clip.std, device=self.device).view(3, 1, 1)
+        self._image_size: tuple[int, int] | None = None
+        self._windows: list[tuple[int, int, int, int]] = []
+        self._features: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = []
+        self._classes: ClassEmbeddings | None = None
+        self._background_index: int | None = None
+
+    @torch.inference_mode()
+    def set_image(self, image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> None:
+        """Compute and keep the dense features of an image (any size).
+
+        Args:
+            image: Path, PIL image, H x W x 3 uint8 array or 3 x H x W uint8 tensor.
+        """
+        cfg = self.config
+        img = read_image(image).to(self.device)
+        self._image_size = (img.shape[1], img.shape[2])
+        x = img.float().div_(255)
+        if cfg.short_side is not None:
+            x = TF.resize(x, [cfg.short_side], antialias=True)
+        x = ((x - self._mean) / self._std).unsqueeze(0)
+        hr, wr = x.shape[-2:]
+        if cfg.window is None:
+            self._windows = [(0, 0, hr, wr)]
+        else:
+            self._windows = [
+                (y, x0, min(cfg.window, hr), min(cfg.window, wr))
+                for y in window_starts(hr, cfg.window, cfg.stride)
+                for x0 in window_starts(wr, cfg.window, cfg.stride)
+            ]
+        self._resized = (hr, wr)
+        self._features = []
+        for i in range(0, len(self._windows), cfg.window_batch):
+            group = self._windows[i : i + cfg.window_batch]
+            sizes = {(h, w) for _, _, h, w in group}
+            crops = [x[0, :, y : y + h, x0 : x0 + w] for y, x0, h, w in group]
+            if len(sizes) == 1:
+                out = self.encoder(torch.stack(crops))
+                self._features += [(out.dense[j], out.keys[j], out.padded_size) for j in range(len(group))]
+            else:
+                for crop in crops:
+                    out = self.encoder(crop.unsqueeze(0))
+                    self._features.append((out.dense[0], out.keys[0], out.padded_size))
+
+    def set_classes(self, classes: Sequence[str]) -> list[str]:
+        """Set the vocabulary. Entries may hold comma-separated synonyms (``"person, people"``).
+
+        Args:
+            classes: C class entries. With ``background_threshold`` set and no ``background``
+                entry, ``"background"`` is prepended.
+
+        Returns:
+            The display names of the classes, in label order.
+        """
+        classes = list(classes)
+        if not classes:
+            raise ValueError("the class list is empty: name at least one class")
+        names = [display_name(c).lower() for c in classes]
+        if self.config.background_threshold is not None and "background" not in names:
+            classes = ["background", *classes]
+            names = ["background", *names]
+        self._background_index = names.index("background") if "background" in names else None
+        self._classes = self.text.encode_classes(classes)
+        return self._classes.class_names
+
+    def _window_scores(self, dense: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        scores = self._classes.scores(dense.unsqueeze(0).float())
+        if cfg.prompt_denoise is not None:
+            scores = prompt_denoise(scores, cfg.prompt_denoise)
+        if cfg.key_smoothing is not None:
+            scores = key_smoothing(scores, keys.unsqueeze(0).float(), cfg.key_smoothing)
+        return scores
+
+    @torch.inference_mode()
+    def predict(self) -> Segmentation:
+        """Segment the current image into the current classes.
+
+        Returns:
+            Labels and probabilities at the original image resolution.
+        """
+        if self._image_size is None:
+            raise RuntimeError("call set_image() before predict()")
+        if self._classes is None:
+            raise RuntimeError("call set_classes() before predict()")
+        hr, wr = self._resized
+        total = torch.zeros(1, self._classes.num_classes, hr, wr, device=self.device)
+        count = torch.zeros(1, 1, hr, wr, device=self.device)
+        for (y, x0, h, w), (dense, keys, padded) in zip(self._windows, self._features, strict=True):
+            scores = self._window_scores(dense, keys)
+            scores = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
+            total[..., y : y + h, x0 : x0 + w] += scores
+            count[..., y : y + h, x0 : x0 + w] += 1
+        scores = F.interpolate(total / count, size=self._image_size, mode="bilinear", align_corners=False)
+        probs = F.softmax(scores[0] * self.config.logit_scale, dim=0)
+        top, labels = probs.max(dim=0)
+        if self.config.background_threshold is not None:
+            labels[top < self.config.background_threshold] = self._background_index
+        return Segmentation(labels.cpu(), probs.cpu(), list(self._classes.class_names))
+
+    def __call__(self, image, classes: Sequence[str] | None = None) -> Segmentation:
+        """Shortcut: set the image (and classes, if given) and predict."""
+        if classes is not None:
+            self.set_classes(classes)
+        self.set_image(image)
+        return self.predict()
+
+    def describe(self) -> dict:
+        """The model and settings, for reports."""
+        return {"model": self.clip.name, "pretrained": self.clip.pretrained, **asdict(self.config)}

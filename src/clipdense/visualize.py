@@ -1,0 +1,65 @@
+"""Pictures of segmentations: a colour overlay with a legend of class names and areas."""
+
+from __future__ import annotations
+
+import colorsys
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import draw_segmentation_masks
+
+
+def palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """Distinct RGB colours (golden-ratio hue steps), the same for the same class index."""
+    colours = []
+    for i in range(num_classes):
+        h = (i * 0.618033988749895) % 1.0
+        s, v = (0.65, 0.95) if i % 2 == 0 else (0.9, 0.75)
+        colours.append(tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, s, v)))
+    return colours
+
+
+def overlay(
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: list[str],
+    alpha: float = 0.55,
+    legend: bool = True,
+) -> Image.Image:
+    """Draw the label map over the image, with a legend of the classes present and their area.
+
+    Args:
+        image: 3 x H x W uint8 RGB image.
+        labels: H x W int64 labels into ``class_names``.
+        class_names: C names.
+        alpha: Opacity of the colour masks.
+        legend: Add a legend panel to the right of the image.
+
+    Returns:
+        The picture as a PIL image (H x (W + legend width)).
+    """
+    num = len(class_names)
+    colours = palette(num)
+    present = [c for c in labels.unique().tolist() if 0 <= c < num]
+    masks = torch.stack([labels == c for c in present]) if present else torch.zeros(0, *labels.shape, dtype=bool)
+    drawn = draw_segmentation_masks(image, masks, alpha=alpha, colors=[colours[c] for c in present])
+    picture = Image.fromarray(drawn.permute(1, 2, 0).numpy())
+    if not legend:
+        return picture
+    h, w = labels.shape
+    font_size = max(11, min(18, h // 24))
+    font = ImageFont.load_default(size=font_size)
+    counts = torch.bincount(labels.flatten(), minlength=num)
+    rows = sorted(present, key=lambda c: -int(counts[c]))
+    entries = [(c, f"{class_names[c]}  {100.0 * counts[c].item() / labels.numel():.1f}%") for c in rows]
+    line = font_size + 6
+    text_w = max((font.getlength(t) for _, t in entries), default=0)
+    panel_w = int(text_w) + font_size + 24
+    canvas = Image.new("RGB", (w + panel_w, max(h, line * len(entries) + 12)), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (c, text) in enumerate(entries):
+        y = 6 + i * line
+        draw.rectangle([w + 8, y, w + 8 + font_size, y + font_size], fill=colours[c], outline=(0, 0, 0))
+        draw.text((w + 14 + font_size, y - 1), text, fill=(0, 0, 0), font=font)
+    return canvas

@@ -1,0 +1,158 @@
+"""The clipdense command line end to end, on checkpoints and dataset folders the tests write."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from clipdense.cli import main
+from tiny_models import TINY_CONFIGS
+
+FAST = ["--templates", "single", "--short-side", "64", "--window", "64", "--stride", "32"]
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(50, 70), (64, 48)]):
+        p = tmp_path / "in" / f"img{i}.jpg"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "wrapped", "safetensors", "torchscript"])
+@pytest.mark.parametrize("name", ["tiny-RN", "tiny-ViT"])
+def test_segment_writes_overlay_labels_and_areas(tiny_checkpoints, images, tmp_path, capsys, name, fmt):
+    out_dir = tmp_path / "out"
+    ckpt = tiny_checkpoints[name][1][fmt]
+    code, _, err = _run(
+        capsys, "segment", *images, "--classes", "cat, grass, sky", "--model", name, "--pretrained", ckpt,
+        "--out", out_dir, *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    for img in images:
+        h, w = Image.open(img).size[::-1]
+        labels = np.array(Image.open(out_dir / f"{img.stem}_labels.png"))
+        assert labels.shape == (h, w) and labels.max() < 3
+        overlay = Image.open(out_dir / f"{img.stem}_overlay.png")
+        assert overlay.size[1] >= h and overlay.size[0] > w  # legend panel on the right
+        report = json.loads((out_dir / f"{img.stem}.json").read_text())
+        assert report["classes"] == ["cat", "grass", "sky"]
+        assert sum(a["pixels"] for a in report["areas"].values()) == h * w
+        counts = np.bincount(labels.ravel(), minlength=3)
+        assert [report["areas"][n]["pixels"] for n in report["classes"]] == counts.tolist()
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        f"{i.stem}{s}" for i in images for s in ("_labels.png", "_overlay.png", ".json")
+    )
+
+
+def _bad(tmp_path, tiny_checkpoints, images):
+    ckpt = tiny_checkpoints["tiny-RN"][1]["safetensors"]
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("hello")
+    model = ["--model", "tiny-RN", "--pretrained", ckpt]
+    return {
+        "missing image": (["segment", tmp_path / "nope.png", "--classes", "a, b", *model], "image not found"),
+        "not an image": (["segment", not_image, "--classes", "a, b", *model], "cannot read image"),
+        "empty classes": (["segment", images[0], "--classes", " ", *model], "no classes"),
+        "duplicate classes": (["segment", images[0], "--classes", "cat, dog, Cat", *model], "appears twice"),
+        "missing checkpoint": (
+            ["segment", images[0], "--classes", "a", "--model", "tiny-RN", "--pretrained", tmp_path / "x.pt"],
+            "checkpoint file not found",
+        ),
+        "offline tag": (["segment", images[0], "--classes", "a", "--model", "RN50"], "pass its path"),
+        "wrong architecture": (
+            ["segment", images[0], "--classes", "a", "--model", "tiny-ViT", "--pretrained", ckpt],
+            "do not fit the architecture",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing image", "not an image", "empty classes", "duplicate classes", "missing checkpoint", "offline tag",
+     "wrong architecture"],
+)  # fmt: skip
+def test_bad_input_one_message_no_output(tiny_checkpoints, images, tmp_path, capsys, case):
+    args, message = _bad(tmp_path, tiny_checkpoints, images)[case]
+    out_dir = tmp_path / "out"
+    code, _, err = _run(capsys, *args, "--out", out_dir, *FAST)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clipdense: error:") and message in lines[0], err
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_console_script_with_local_dir_model(tiny_checkpoints, images, tmp_path):
+    """The installed entry point in a fresh process, on an open_clip local-dir model."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    reference = tiny_checkpoints["tiny-ViT"][0]
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CONFIGS["tiny-ViT"]}))
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, model_dir / "open_clip_model.safetensors")
+    out_dir = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "clipdense.cli", "segment", str(images[0]), "--classes", "cat; grass, lawn",
+           "--model", f"local-dir:{model_dir}", "--out", str(out_dir), *FAST]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out_dir / "img0.json").read_text())["classes"] == ["cat", "grass"]
+
+
+def _write_ade(root, n=3):
+    rng = np.random.default_rng(0)
+    for split in ("validation",):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"ADE_val_{i:08d}.jpg"
+            )
+            Image.fromarray(rng.integers(0, 151, (40, 56), dtype=np.uint8)).save(
+                root / "annotations" / split / f"ADE_val_{i:08d}.png"
+            )
+
+
+def test_eval_zeroshot_reports_metrics(tiny_checkpoints, tmp_path, capsys):
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade(root)
+    out = tmp_path / "report.json"
+    ckpt = tiny_checkpoints["tiny-RN"][1]["state_dict"]
+    code, stdout, err = _run(
+        capsys, "eval-zeroshot", "--dataset", "ade20k", "--root", root, "--model", "tiny-RN", "--pretrained", ckpt,
+        "--out", out, *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["images"] == 3 and report["dataset"] == "ade20k"
+    assert len(report["per_class_iou"]) == 150
+    for key in ("miou", "macc", "aacc", "fwiou"):
+        assert 0 <= report[key] <= 100
+        assert key.replace("miou", "mIoU") in stdout or key in stdout.lower()
+
+
+def test_eval_zeroshot_missing_root(tmp_path, capsys):
+    code, _, err = _run(capsys, "eval-zeroshot", "--dataset", "voc21", "--root", tmp_path / "nope", "--random-weights")
+    assert code == 1 and "VOC" in err
+
+
+def test_random_weights_need_the_flag(tiny_configs, images, tmp_path, capsys):
+    code, _, err = _run(capsys, "segment", images[0], "--classes", "a, b", "--model", "tiny-RN", "--random-weights",
+                        "--out", tmp_path / "o", *FAST)  # fmt: skip
+    assert code == 0, err
+    assert torch.tensor(np.array(Image.open(tmp_path / "o" / "img0_labels.png"))).max() < 2

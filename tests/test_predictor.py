@@ -1,0 +1,158 @@
+"""OpenVocabPredictor: windows, refinements, background, shapes."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipdense.clip import load_clip
+from clipdense.predictor import (
+    OpenVocabPredictor,
+    SegmenterConfig,
+    key_smoothing,
+    prompt_denoise,
+    read_image,
+    window_starts,
+)
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_configs):
+    torch.manual_seed(0)
+    return load_clip("tiny-RN", None)
+
+
+@pytest.fixture
+def image():
+    torch.manual_seed(1)
+    return (torch.rand(3, 75, 110) * 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize(("size", "crop", "stride"), [(100, 40, 20), (64, 64, 32), (30, 64, 32), (101, 50, 17)])
+def test_windows_cover_the_image(size, crop, stride):
+    starts = window_starts(size, crop, stride)
+    covered = np.zeros(size, bool)
+    for s in starts:
+        covered[s : s + crop] = True
+        assert s + min(crop, size) <= size
+    assert covered.all() and starts[0] == 0
+
+
+@pytest.mark.parametrize("mode", ["maskclip", "vanilla", "naclip"])
+def test_prediction_has_image_size_and_valid_labels(clip, image, mode):
+    p = OpenVocabPredictor(clip, SegmenterConfig(mode=mode, templates="single", short_side=96, window=64, stride=32))
+    p.set_image(image)
+    names = p.set_classes(["cat", "grass, lawn", "sky"])
+    seg = p.predict()
+    assert names == ["cat", "grass", "sky"]
+    assert seg.labels.shape == (75, 110) and seg.labels.dtype == torch.int64
+    assert seg.probs.shape == (3, 75, 110)
+    assert 0 <= seg.labels.min() and seg.labels.max() < 3
+    torch.testing.assert_close(seg.probs.sum(0), torch.ones(75, 110))
+    assert torch.equal(seg.labels, seg.probs.argmax(0))
+    assert sum(a["pixels"] for a in seg.areas().values()) == 75 * 110
+
+
+def test_one_window_equals_whole_image(clip, image):
+    whole = OpenVocabPredictor(clip, SegmenterConfig(templates="single", short_side=None, window=None))
+    slide = OpenVocabPredictor(clip, SegmenterConfig(templates="single", short_side=None, window=128, stride=64))
+    a, b = whole(image, ["cat", "sky"]), slide(image, ["cat", "sky"])
+    torch.testing.assert_close(a.probs, b.probs)
+
+
+def test_windows_average_logits(clip, image):
+    """Sliding windows: the merged scores are the mean of each window's upsampled scores."""
+    cfg = SegmenterConfig(templates="single", short_side=None, window=64, stride=46, logit_scale=1.0)
+    p = OpenVocabPredictor(clip, cfg)
+    p.set_image(image)
+    p.set_classes(["cat", "sky"])
+    probs = p.predict().probs
+    x = (image.float() / 255 - torch.tensor(clip.mean).view(3, 1, 1)) / torch.tensor(clip.std).view(3, 1, 1)
+    total, count = torch.zeros(2, 75, 110), torch.zeros(75, 110)
+    for y in window_starts(75, 64, 46):
+        for x0 in window_starts(110, 64, 46):
+            out = p.encoder(x[None, :, y : y + 64, x0 : x0 + 64])
+            s = p._classes.scores(out.dense)
+            total[:, y : y + 64, x0 : x0 + 64] += F.interpolate(s, size=(64, 64), mode="bilinear")[0]
+            count[y : y + 64, x0 : x0 + 64] += 1
+    torch.testing.assert_close(probs, F.softmax(total / count, dim=0), atol=1e-5, rtol=0)
+
+
+def test_set_image_once_predict_many(clip, image):
+    p = OpenVocabPredictor(clip, SegmenterConfig(templates="single", short_side=64))
+    p.set_image(image)
+    p.set_classes(["cat", "sky"])
+    a = p.predict()
+    p.set_classes(["sky", "cat", "road"])
+    b = p.predict()
+    assert b.probs.shape[0] == 3 and b.class_names == ["sky", "cat", "road"]
+    # same image features, same text: the relative scores of cat and sky do not change
+    ratio_a = (a.probs[0] / a.probs[1]).log()
+    ratio_b = (b.probs[1] / b.probs[0]).log()
+    torch.testing.assert_close(ratio_a, ratio_b, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_denoise_formula():
+    scores = torch.randn(1, 3, 2, 2) * 0.05
+    scores[:, 2] = -1.0  # class 2 is confident nowhere
+    out = prompt_denoise(scores, 0.5)
+    conf = torch.softmax(100 * scores, 1).amax(dim=(2, 3))[0]
+    for c in range(3):
+        expected = torch.full_like(scores[0, c], -100.0) if conf[c] < 0.5 else scores[0, c]
+        torch.testing.assert_close(out[0, c], expected)
+    assert torch.all(out[0, 2] == -100)
+
+
+def test_key_smoothing_formula():
+    torch.manual_seed(0)
+    scores = torch.randn(1, 4, 3, 3) * 0.02
+    scores[0, 1, 0, 0] = 1.0  # one confident pixel
+    keys = torch.randn(1, 8, 3, 3)
+    out = key_smoothing(scores, keys, 0.9)
+    p = torch.softmax(100 * scores, 1).flatten(2)[0]  # C x N
+    k = F.normalize(keys.flatten(2)[0], dim=0)  # Ck x N
+    w = k.T @ k
+    expected = p.clone()
+    for i in range(9):
+        if p[:, i].max() < 0.9:
+            expected[:, i] = sum(w[i, j] * p[:, j] for j in range(9))
+    expected = expected.clamp_min(1e-12)
+    expected = expected / expected.sum(0, keepdim=True)
+    torch.testing.assert_close(torch.softmax(100 * out, 1).flatten(2)[0], expected, atol=1e-5, rtol=0)
+    # the confident pixel keeps its own distribution
+    torch.testing.assert_close(torch.softmax(100 * out, 1)[0, :, 0, 0], p[:, 0], atol=1e-6, rtol=0)
+
+
+def test_refinements_run_in_the_predictor(clip, image):
+    cfg = SegmenterConfig(templates="single", short_side=64, key_smoothing=0.5, prompt_denoise=0.5)
+    seg = OpenVocabPredictor(clip, cfg)(image, ["cat", "sky", "road"])
+    assert seg.labels.shape == (75, 110) and torch.isfinite(seg.probs).all()
+
+
+def test_background_threshold(clip, image):
+    cfg = SegmenterConfig(templates="single", short_side=64, background_threshold=1.0)
+    p = OpenVocabPredictor(clip, cfg)
+    assert p.set_classes(["cat", "sky"]) == ["background", "cat", "sky"]
+    p.set_image(image)
+    assert torch.all(p.predict().labels == 0)  # nothing reaches probability 1
+    p.set_classes(["sky", "background, wall", "cat"])
+    assert torch.all(p.predict().labels == 1)
+
+
+def test_inputs_and_errors(clip, image, tmp_path):
+    p = OpenVocabPredictor(clip, SegmenterConfig(templates="single", short_side=64))
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict()
+    with pytest.raises(ValueError, match="empty"):
+        p.set_classes([])
+    with pytest.raises(ValueError, match="uint8"):
+        read_image(np.zeros((5, 5, 3), np.float32))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="could not decode"):
+        read_image(bad)
+    assert read_image(image.permute(1, 2, 0).numpy()).shape == (3, 75, 110)
+    with pytest.raises(ValueError, match="unknown mode"):
+        SegmenterConfig(mode="bogus")
+    with pytest.raises(ValueError, match="stride"):
+        SegmenterConfig(window=64, stride=100)
