@@ -13,6 +13,7 @@ import os
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -159,6 +160,17 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
 
+@contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _fingerprint(*parts: object) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
@@ -273,9 +285,10 @@ def load_clip(
         if quick_gelu is None:
             quick_gelu = is_openai_jit or name.endswith("-quickgelu") or bool(tag_cfg.get("quick_gelu"))
         use_quick_gelu = quick_gelu
-        model = open_clip.create_model(
-            name, pretrained=None, device="cpu", force_quick_gelu=use_quick_gelu, pretrained_text=False
-        )
+        with _quiet_root_logger():  # open_clip warns "initialized randomly" before we load the weights
+            model = open_clip.create_model(
+                name, pretrained=None, device="cpu", force_quick_gelu=use_quick_gelu, pretrained_text=False
+            )
         if state is not None:
             _load_weights(model, state, checkpoint, name)
         else:

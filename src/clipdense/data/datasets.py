@@ -301,6 +301,12 @@ _FOLDER_LAYOUT = """\
   masks/<stem>.png      labels 0..C-1, 255 ignore
   <split>.txt           optional, one stem per line; without any split files all images are used"""
 
+_SHAPESWORLD_LAYOUT = """\
+<root>/                                        <- written by `clipdense shapesworld generate`
+  classes.txt                                  object class names, line i = label value i + 1
+  images/{training,validation}/<id>.png
+  annotations/{training,validation}/<id>.png   0 background (ignored), 1..C objects"""
+
 _COCO_SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017", "val2017": "val2017"}
 _ADE_SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
@@ -380,11 +386,11 @@ def _find_cityscapes(root: Path, split: str, *, name: str, layout: str) -> list[
     return _check_pairs(pairs, name, split, images, layout)
 
 
-def _find_ade(root: Path, split: str, *, name: str, layout: str) -> list[tuple[Path, Path]]:
+def _find_ade(root: Path, split: str, *, name: str, layout: str, image_suffix: str = ".jpg") -> list[tuple[Path, Path]]:
     folder = _map_split(split, _ADE_SPLITS, name)
     images = _require(root / "images" / folder, "image", name, layout)
     masks = _require(root / "annotations" / folder, "annotation", name, layout)
-    pairs = [(image, masks / f"{image.stem}.png") for image in sorted(images.glob("*.jpg"))]
+    pairs = [(image, masks / f"{image.stem}.png") for image in sorted(images.glob(f"*{image_suffix}"))]
     return _check_pairs(pairs, name, split, images, layout)
 
 
@@ -504,6 +510,7 @@ DATASETS: dict[str, DatasetSpec] = {
         _spec("cityscapes", "cityscapes", False, LabelConvention(19), _CITYSCAPES_LAYOUT, _find_cityscapes),
         _spec("ade20k", "ade20k", False, LabelConvention(150, reduce_zero_label=True), _ADE_LAYOUT, _find_ade),
         _spec("folder", None, False, None, _FOLDER_LAYOUT, _find_folder),
+        _spec("shapesworld", None, False, None, _SHAPESWORLD_LAYOUT, _find_ade, image_suffix=".png"),
     )
 }
 
@@ -539,7 +546,8 @@ def build_dataset(name: str, root: str | Path, split: str = "val") -> Segmentati
     if spec.class_list is None:
         class_file = _require(root / "classes.txt", "class list", name, spec.layout, is_dir=False)
         class_names = read_class_file(class_file)
-        convention = LabelConvention(len(class_names))
+        # ShapesWorld stores objects as 1..C with 0 = background, like ADE20K.
+        convention = LabelConvention(len(class_names), reduce_zero_label=name == "shapesworld")
     else:
         assert spec.convention is not None
         class_names, convention = load_classnames(spec.class_list), spec.convention

@@ -1,0 +1,173 @@
+"""Tests for ShapesCLIP contrastive pre-training (tiny CPU models)."""
+
+import json
+import math
+from dataclasses import replace
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipdense.data.shapesworld import ShapesWorldConfig, class_names, generate_scene
+from clipdense.training.clip_pretrain import (
+    MODEL_NAME,
+    PretrainConfig,
+    get_tokenizer,
+    main,
+    register_model_config,
+    resolve_model_config,
+    train,
+    zero_shot_accuracy,
+)
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8},
+    "text_cfg": {"width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _tiny_config(out_dir, **kwargs) -> PretrainConfig:
+    base = {
+        "out_dir": str(out_dir),
+        "steps": 6,
+        "batch_size": 8,
+        "image_size": 32,
+        "num_scenes": 64,
+        "workers": 0,
+        "log_every": 1,
+        "ckpt_every": 100,
+        "eval_images": 8,
+        "device": "cpu",
+        "model_overrides": TINY,
+    }
+    return PretrainConfig(**{**base, **kwargs})
+
+
+def _logged_losses(out_dir) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return out, train(_tiny_config(out))
+
+
+def test_tokenizer_has_context_24_and_captions_fit():
+    cfg = PretrainConfig()
+    tokenizer = get_tokenizer(cfg)
+    assert resolve_model_config(cfg)["text_cfg"]["context_length"] == 24
+    assert tokenizer(["a red circle"]).shape == (1, 24)
+    world = ShapesWorldConfig(image_size=32)
+    longest = max(len(tokenizer.encode(generate_scene(seed, world).caption)) for seed in range(300))
+    assert longest <= 22, f"captions need {longest} tokens + SOT/EOT > 24"
+
+
+def test_resolve_model_config_merges_overrides():
+    cfg = _tiny_config("unused")
+    resolved = resolve_model_config(cfg)
+    assert resolved["vision_cfg"] == {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None}
+    assert resolved["text_cfg"]["context_length"] == 24 and resolved["text_cfg"]["width"] == 32
+    assert resolved["embed_dim"] == 32
+
+
+def test_training_runs_and_writes_outputs(uninterrupted):
+    out, result = uninterrupted
+    assert result.finished and result.step == 6
+    assert [s for s, _ in result.losses] == list(range(1, 7))
+    assert all(math.isfinite(loss) for _, loss in result.losses)
+    assert _logged_losses(out) == result.losses
+    for name in ("train.log", "metrics.jsonl", "last.pt", "shapesclip_rn.safetensors", "open_clip_config.json"):
+        assert (out / name).is_file(), name
+    assert 0.0 <= result.zero_shot_accuracy <= 1.0
+    assert "zero_shot_accuracy" in (out / "metrics.jsonl").read_text().splitlines()[-1]
+
+
+def test_resume_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
+    full_out, full = uninterrupted
+    first = train(_tiny_config(tmp_path, stop_at_step=3))
+    assert not first.finished and first.step == 3 and first.weights_path is None
+    assert first.losses == full.losses[:3]
+    second = train(_tiny_config(tmp_path))
+    assert [s for s, _ in second.losses] == [4, 5, 6]
+    assert second.losses == full.losses[3:]  # bitwise-equal floats on CPU
+    assert _logged_losses(tmp_path) == full.losses
+    a = load_file(str(full_out / "shapesclip_rn.safetensors"))
+    b = load_file(str(tmp_path / "shapesclip_rn.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_different_config_is_refused(tmp_path):
+    train(_tiny_config(tmp_path, steps=4, stop_at_step=1, eval_images=0))
+    with pytest.raises(ValueError, match="batch_size"):
+        train(_tiny_config(tmp_path, steps=4, batch_size=4, eval_images=0))
+
+
+def test_safetensors_loads_strictly_with_open_clip(uninterrupted):
+    out, _ = uninterrupted
+    saved = json.loads((out / "open_clip_config.json").read_text())
+    register_model_config()
+    weights = str(out / "shapesclip_rn.safetensors")
+    model = open_clip.create_model(MODEL_NAME, pretrained=weights, **saved["model_cfg"])
+    state = load_file(weights)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    local = open_clip.create_model(f"local-dir:{out}")
+    assert all(torch.equal(v, state[k]) for k, v in local.state_dict().items())
+
+
+def test_overfits_a_fixed_batch(tmp_path):
+    cfg = _tiny_config(tmp_path, steps=12, num_scenes=8, lr=2e-3, warmup_frac=0.2, eval_images=0)
+    losses = [loss for _, loss in train(cfg).losses]
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+class _ConstantModel(torch.nn.Module):
+    """Every image embeds like the first prompt: predicts class 0 for every image."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_text(self, tokens, normalize=True):
+        out = torch.zeros(tokens.shape[0], 4)
+        out[:, 1] = 1.0
+        out[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        return out
+
+    def encode_image(self, images, normalize=True):
+        return torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(images.shape[0], 4)
+
+
+def test_zero_shot_accuracy_uses_balanced_classes():
+    cfg = ShapesWorldConfig(image_size=32)
+    num_classes = len(class_names(cfg))
+    prompts = []
+
+    def tokenizer(texts):
+        prompts.extend(texts)
+        return torch.zeros(len(texts), 24, dtype=torch.long)
+
+    accuracy = zero_shot_accuracy(_ConstantModel(), tokenizer, cfg, num_images=2 * num_classes, batch_size=50)
+    assert accuracy == pytest.approx(1.0 / num_classes)
+    assert prompts == [f"a photo of a {name}" for name in class_names(cfg)]
+
+
+def test_main_cli(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--steps", "2", "--batch-size", "4", "--image-size", "32", "--num-scenes", "8"]
+    args += ["--workers", "0", "--eval-images", "0", "--device", "cpu", "--model-overrides", json.dumps(TINY)]
+    assert main(args) == 0
+    assert "done: step 2" in capsys.readouterr().out
+    assert (tmp_path / "shapesclip_rn.safetensors").is_file()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--model-overrides", "{not json"])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="batch_size"):
+        PretrainConfig(batch_size=1)
+    with pytest.raises(ValueError, match="warmup_frac"):
+        replace(PretrainConfig(), warmup_frac=1.5)
