@@ -209,7 +209,9 @@ def test_folder_out_of_range(tmp_path: Path) -> None:
 
 
 def test_registry() -> None:
-    expected_names = "voc21 voc20 context60 context59 cocostuff171 cocoobject cityscapes ade20k folder shapesworld".split()
+    expected_names = (
+        "voc21 voc20 context60 context59 cocostuff171 cocoobject cityscapes ade20k folder shapesworld".split()
+    )
     assert list_datasets() == expected_names
     for name, spec in DATASETS.items():
         assert spec.name == name
