@@ -126,3 +126,22 @@ def test_unreadable_checkpoint(tmp_path):
     torch.save({"a": 1}, tmp_path / "notsd.pt")
     with pytest.raises(CLIPLoadError, match="does not hold a CLIP state dict"):
         read_state_dict(tmp_path / "notsd.pt")
+
+
+def test_hf_hub_from_a_populated_cache(tiny_checkpoints, tmp_path):
+    """hf-hub: names resolve offline from the Hugging Face cache layout (refs/main -> snapshots/<rev>/)."""
+    from safetensors.torch import save_file
+
+    from tiny_models import TINY_CONFIGS
+
+    reference, _ = tiny_checkpoints["tiny-RN"]
+    repo = tmp_path / "models--someone--tiny-clip"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CONFIGS["tiny-RN"]}))
+    sd = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    save_file(sd, snapshot / "open_clip_model.safetensors")
+    clip = load_clip("hf-hub:someone/tiny-clip", None, cache_dir=str(tmp_path))
+    assert _same_weights(clip.model, reference)
