@@ -12,6 +12,8 @@ _EXPORTS = {
     "CLIPLoadError": "clipdense.clip.loading",
     "LoadedCLIP": "clipdense.clip.loading",
     "load_clip": "clipdense.clip.loading",
+    "create_model": "clipdense.models.registry",
+    "list_models": "clipdense.models.registry",
     "OpenVocabPredictor": "clipdense.predictor",
     "SegmenterConfig": "clipdense.predictor",
     "Segmentation": "clipdense.predictor",

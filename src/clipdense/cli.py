@@ -112,12 +112,21 @@ def cmd_segment(args: argparse.Namespace) -> None:
     from clipdense.predictor import read_image
     from clipdense.visualize import overlay
 
-    if (args.classes is None) == (args.classes_file is None):
-        raise CLIError("give the classes either with --classes 'cat, grass, sky' or with --classes-file FILE")
-    classes = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
-    images = _check_images(args.images)
-    predictor = _build_predictor(args)
-    names = predictor.set_classes(classes)
+    if args.checkpoint is not None:
+        if args.classes is not None or args.classes_file is not None:
+            raise CLIError("--checkpoint models segment into the classes they were trained on: drop --classes")
+        images = _check_images(args.images)
+        from clipdense.predictor import TrainedPredictor
+
+        predictor = TrainedPredictor.from_run(args.checkpoint, args.device)
+        names = predictor.class_names
+    else:
+        if (args.classes is None) == (args.classes_file is None):
+            raise CLIError("give the classes either with --classes 'cat, grass, sky' or with --classes-file FILE")
+        classes = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
+        images = _check_images(args.images)
+        predictor = _build_predictor(args)
+        names = predictor.set_classes(classes)
     out_dir = Path(args.out)
     for path in tqdm(images, desc="segment", unit="img", disable=len(images) < 2):
         image = read_image(path)
@@ -165,6 +174,80 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
     payload = {"dataset": args.dataset, "images": count, "settings": predictor.describe(), **report.to_dict()}
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
     print(f"saved {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from clipdense.training.config import load_config
+    from clipdense.training.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    if result["finished"]:
+        print(f"done: {result['step']} steps, run directory {result['run_dir']}")
+    return 0 if result["finished"] else 3
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from clipdense.data.datasets import build_dataset
+    from clipdense.evaluation.segmentation import evaluate
+    from clipdense.training.engine import build_from_run
+
+    model, cfg = build_from_run(args.checkpoint, args.device)
+    dataset = build_dataset(
+        args.dataset or cfg.data.dataset, args.root or cfg.data.root, args.split or cfg.data.val_split
+    )
+    if list(dataset.class_names) != list(cfg.model.class_names):
+        raise CLIError(
+            f"the model was trained on {len(cfg.model.class_names)} classes, the dataset has {dataset.num_classes}"
+        )
+    overrides = {k: v for k, v in {"mode": args.mode, "scales": tuple(args.scales) if args.scales else None,
+                                   "limit": args.limit}.items() if v is not None}  # fmt: skip
+    if args.flip:
+        overrides["flip"] = True
+    if args.aug:
+        overrides.update(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True)
+    eval_cfg = replace(cfg.eval, **overrides)
+    report = evaluate(model, dataset, eval_cfg, args.device)
+    print(report.format_table())
+    out = Path(args.out or Path(args.checkpoint) / f"eval_{dataset.name}_{args.split or cfg.data.val_split}.json")
+    payload = {
+        "checkpoint": str(args.checkpoint),
+        "dataset": dataset.name,
+        "settings": vars(eval_cfg),
+        **report.to_dict(),
+    }
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=list)))
+    print(f"saved {out}")
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    from clipdense.models.registry import count_flops, count_parameters, create_model
+    from clipdense.training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    num_classes = args.num_classes
+    names = cfg.model.class_names or [f"class {i}" for i in range(num_classes)]
+    loading_logger = logging.getLogger("clipdense.clip.loading")
+    loading_logger.setLevel(logging.ERROR)  # weights do not change the counts: build with random ones
+    model = create_model(cfg.model.name, class_names=names, pretrained=None, **cfg.model.overrides).eval()
+    flops = count_flops(model, (args.size, args.size))
+    print(f"{cfg.model.name} ({len(names)} classes), input {args.size}x{args.size}, GFLOPs as multiply-adds")
+    for text, key in ((False, "gflops"), (True, "gflops_with_text_encoder")):
+        which = "included" if text else "excluded (as the paper counts)"
+        params = count_parameters(model, include_text_encoder=text) / 1e6
+        print(f"  text encoder {which:<31} Params {params:7.1f}M   GFLOPs {flops[key]:8.1f}")
+
+
+def cmd_check_dataset(args: argparse.Namespace) -> int:
+    from clipdense.data.checks import check_dataset
+    from clipdense.data.datasets import build_dataset
+
+    dataset = build_dataset(args.dataset, args.root, args.split)
+    report = check_dataset(dataset, limit=args.limit)
+    print(report.format())
+    return 1 if report.problems else 0
 
 
 def _load_shapes_clip(args: argparse.Namespace):
@@ -255,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated classes ('cat, grass, sky'); ';' separates classes with synonyms")
     p.add_argument("--classes-file", help="text file, one class per line (comma-separated synonyms)")
     p.add_argument("--out", default="outputs", help="output folder")
+    p.add_argument("--checkpoint", default=None, help="a `clipdense train` run directory (trained model)")
     _add_model_args(p)
     p.set_defaults(func=cmd_segment)
 
@@ -268,6 +352,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON report path")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval_zeroshot)
+
+    p = sub.add_parser("train", help="train a segmentation model from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.iters=1000")
+    p.add_argument("--resume", action="store_true", help="continue the run directory's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run (whole / sliding window, multi-scale + flip)")
+    p.add_argument("checkpoint", help="run directory written by `clipdense train`")
+    p.add_argument("--dataset", default=None, help="default: the training config's dataset")
+    p.add_argument("--root", default=None)
+    p.add_argument("--split", default=None)
+    p.add_argument("--mode", choices=("slide", "whole"), default=None)
+    p.add_argument("--scales", type=float, nargs="+", default=None, help="ratios of the short side")
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--aug", action="store_true", help="multi-scale (0.5..1.75) + flip, as the paper")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON report path")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("flops", help="Params and GFLOPs of a config's model, counted as the paper does")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--num-classes", type=int, default=150, help="when the config names no classes")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("check-dataset", help="label histogram and problems (unreadable, wrong size, bad labels)")
+    p.add_argument("--dataset", required=True, choices=list_datasets())
+    p.add_argument("--root", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=cmd_check_dataset)
 
     from clipdense.models.dense_clip_features import MODES
 

@@ -279,3 +279,57 @@ class OpenVocabPredictor:
     def describe(self) -> dict:
         """The model and settings, for reports."""
         return {"model": self.clip.name, "pretrained": self.clip.pretrained, **asdict(self.config)}
+
+
+class TrainedPredictor:
+    """Inference with a trained segmentation model (DenseCLIP, CLIP+FPN, ...) from a run directory.
+
+    Same pattern as :class:`OpenVocabPredictor`: ``set_image`` once, ``predict``. The classes are
+    the ones the model was trained on.
+
+    Args:
+        model: Segmentation model returning ``{"logits": B x K x h x w}``.
+        class_names: K class names.
+        config: Inference settings (``clipdense.training.config.EvalConfig``).
+    """
+
+    def __init__(self, model: torch.nn.Module, class_names: Sequence[str], config=None) -> None:
+        from clipdense.training.config import EvalConfig
+
+        self.model = model.eval()
+        self.class_names = list(class_names)
+        self.config = config or EvalConfig()
+        self.device = next(model.parameters()).device
+        self._image: torch.Tensor | None = None
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu", **eval_overrides) -> TrainedPredictor:
+        """Load the latest checkpoint of a ``clipdense train`` run directory."""
+        from dataclasses import replace
+
+        from clipdense.training.engine import build_from_run
+
+        model, cfg = build_from_run(run_dir, device)
+        return cls(model, cfg.model.class_names, replace(cfg.eval, **eval_overrides))
+
+    def set_image(self, image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> None:
+        self._image = read_image(image).to(self.device)
+
+    def set_classes(self, classes: Sequence[str]) -> list[str]:
+        if [c.lower() for c in classes] != [c.lower() for c in self.class_names]:
+            raise ValueError(
+                f"this model was trained on {len(self.class_names)} fixed classes ({', '.join(self.class_names[:5])}, "
+                "...); it cannot take a new vocabulary"
+            )
+        return self.class_names
+
+    def predict(self) -> Segmentation:
+        from clipdense.evaluation.segmentation import predict_probs
+
+        if self._image is None:
+            raise RuntimeError("call set_image() before predict()")
+        probs = predict_probs(self.model, self._image, self.config)
+        return Segmentation(probs.argmax(0).cpu(), probs.cpu(), self.class_names)
+
+    def describe(self) -> dict:
+        return {"model": type(self.model).__name__, **asdict(self.config)}

@@ -87,6 +87,40 @@ def test_voc20(tmp_path: Path) -> None:
     check_sample(dataset[0], expected(raw, {0: 255, 1: 0, 5: 4, 20: 19}))
 
 
+def test_voc21aug(tmp_path: Path) -> None:
+    voc_raw, sbd_raw = mask_with([0, 1, 255]), mask_with([0, 7, 20])
+    root = make_voc(tmp_path / "VOC2012", voc_raw, ids=("2007_000032", "2007_000039"), split="train")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n")
+    write_image(root / "JPEGImages" / "2007_000033.jpg")
+    write_mask(root / "SegmentationClass" / "2007_000033.png", voc_raw, palette=True)
+    # mmseg's converter writes SBD masks as plain index PNGs; aug.txt excludes VOC train/val ids. One SBD mask
+    # also exists for a VOC train id: the VOC annotation must win.
+    for i, image_id in enumerate(["2008_000002", "2008_000003"]):
+        write_image(root / "JPEGImages" / f"{image_id}.jpg", seed=i)
+        write_mask(root / "SegmentationClassAug" / f"{image_id}.png", sbd_raw)
+    write_mask(root / "SegmentationClassAug" / "2007_000032.png", sbd_raw)
+    (root / "ImageSets" / "Segmentation" / "aug.txt").write_text("2008_000003\n2008_000002\n2007_000032\n")
+
+    train = build_dataset("voc21aug", root, split="train")
+    names = [(Path(image).stem, Path(mask).parent.name) for image, mask in train.samples]
+    assert names == [
+        ("2007_000032", "SegmentationClass"),
+        ("2007_000039", "SegmentationClass"),
+        ("2008_000003", "SegmentationClassAug"),
+        ("2008_000002", "SegmentationClassAug"),
+    ]
+    assert train.class_names == load_classnames("voc21") and train.num_classes == 21
+    check_sample(train[0], expected(voc_raw, {}))
+    check_sample(train[3], expected(sbd_raw, {}))
+    assert len(build_dataset("voc21aug", root, split="train_aug")) == 4
+    assert len(build_dataset("voc21aug", root, split="aug")) == 3
+    val = build_dataset("voc21aug", root)
+    assert [Path(mask).parent.name for _, mask in val.samples] == ["SegmentationClass"]
+    (root / "ImageSets" / "Segmentation" / "aug.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"(?s)aug\.txt.*Expected layout.*voc_aug\.py"):
+        build_dataset("voc21aug", root, split="train")
+
+
 def make_context(root: Path, raw: np.ndarray) -> Path:
     for i, image_id in enumerate(["2008_000002", "2008_000003", "2008_000007"]):
         write_image(root / "JPEGImages" / f"{image_id}.jpg", seed=i)
@@ -210,7 +244,7 @@ def test_folder_out_of_range(tmp_path: Path) -> None:
 
 def test_registry() -> None:
     expected_names = (
-        "voc21 voc20 context60 context59 cocostuff171 cocoobject cityscapes ade20k folder shapesworld".split()
+        "voc21 voc20 voc21aug context60 context59 cocostuff171 cocoobject cityscapes ade20k folder shapesworld".split()
     )
     assert list_datasets() == expected_names
     for name, spec in DATASETS.items():

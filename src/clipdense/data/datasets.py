@@ -264,6 +264,17 @@ VOCdevkit/VOC2012/                     <- root
   SegmentationClass/<id>.png           palette PNG: 0 background, 1..20 classes, 255 border
   ImageSets/Segmentation/<split>.txt   one image id per line (train, val, trainval)"""
 
+_VOC_AUG_LAYOUT = """\
+VOCdevkit/VOC2012/                     <- root (as made by mmsegmentation's tools/dataset_converters/voc_aug.py)
+  JPEGImages/<id>.jpg
+  SegmentationClass/<id>.png           VOC masks: 0 background, 1..20 classes, 255 border
+  SegmentationClassAug/<id>.png        SBD masks converted to index PNGs (0..20, 255)
+  ImageSets/Segmentation/train.txt     VOC train ids (masks from SegmentationClass)
+  ImageSets/Segmentation/aug.txt       SBD ids not in VOC train/val (masks from SegmentationClassAug)
+  ImageSets/Segmentation/val.txt       VOC val ids (masks from SegmentationClass)
+split "train" (alias "train_aug", "trainaug") = train.txt + aug.txt (10582 images, mmseg's
+pascal_voc12_aug config); "aug" = aug.txt only; any other split = SegmentationClass + <split>.txt"""
+
 _CONTEXT_LAYOUT = """\
 VOCdevkit/VOC2010/                          <- root
   JPEGImages/<id>.jpg
@@ -308,6 +319,7 @@ _SHAPESWORLD_LAYOUT = """\
   annotations/{training,validation}/<id>.png   0 background (ignored), 1..C objects"""
 
 _COCO_SPLITS = {"train": "train2017", "val": "val2017", "train2017": "train2017", "val2017": "val2017"}
+_VOC_AUG_SPLITS = ("train", "train_aug", "trainaug", "aug")
 _ADE_SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
 
@@ -365,6 +377,26 @@ def _find_with_split_file(
     split_file = _require(root / split_dir / f"{split}.txt", "split", name, layout, is_dir=False)
     pairs = [(images / f"{i}.jpg", masks / f"{i}.png") for i in _read_ids(split_file)]
     return _check_pairs(pairs, name, split, split_file, layout)
+
+
+def _find_voc_aug(root: Path, split: str, *, name: str, layout: str) -> list[tuple[Path, Path]]:
+    if split not in _VOC_AUG_SPLITS:
+        return _find_with_split_file(root, split, name=name, layout=layout, **_VOC_DIRS)
+    images = _require(root / "JPEGImages", "image", name, layout)
+    split_dir = root / "ImageSets" / "Segmentation"
+    aug_masks = _require(root / "SegmentationClassAug", "mask", name, layout)
+    aug_file = _require(split_dir / "aug.txt", "split", name, layout, is_dir=False)
+    pairs: list[tuple[Path, Path]] = []
+    voc_ids: set[str] = set()
+    if split != "aug":
+        voc_masks = _require(root / "SegmentationClass", "mask", name, layout)
+        voc_list = list(dict.fromkeys(_read_ids(_require(split_dir / "train.txt", "split", name, layout, False))))
+        voc_ids = set(voc_list)
+        pairs += [(images / f"{i}.jpg", voc_masks / f"{i}.png") for i in voc_list]
+    # An id listed in both files keeps its finer VOC annotation (mmseg's aug.txt excludes VOC train ids anyway).
+    aug_ids = [i for i in dict.fromkeys(_read_ids(aug_file)) if i not in voc_ids]
+    pairs += [(images / f"{i}.jpg", aug_masks / f"{i}.png") for i in aug_ids]
+    return _check_pairs(pairs, name, split, split_dir, layout)
 
 
 def _find_coco(root: Path, split: str, *, name: str, layout: str, mask_suffix: str) -> list[tuple[Path, Path]]:
@@ -471,6 +503,7 @@ DATASETS: dict[str, DatasetSpec] = {
             _find_with_split_file,
             **_VOC_DIRS,
         ),
+        _spec("voc21aug", "voc21", True, LabelConvention(21), _VOC_AUG_LAYOUT, _find_voc_aug),
         _spec(
             "context60",
             "context60",

@@ -1,5 +1,7 @@
 """Pure ``nn.Module``s: no file or network I/O here."""
 
+from clipdense.models.backbones import AttentionPool, CLIPResNetBackbone, CLIPViTBackbone, TimmBackbone
+from clipdense.models.decoders import FPN, FPNHead, UperNetHead
 from clipdense.models.dense_clip_features import (
     MODES,
     DenseFeatures,
@@ -7,5 +9,32 @@ from clipdense.models.dense_clip_features import (
     DenseViTCLIP,
     dense_clip_encoder,
 )
+from clipdense.models.registry import count_flops, count_parameters, create_model, list_models, register_model
+from clipdense.models.segmentors import CLIPFPNSegmentor, DenseCLIPSegmentor
+from clipdense.models.text import ContextDecoder, ContextTextEncoder, FrozenCLIPTextEncoder, PreModelPrompter
 
-__all__ = ["MODES", "DenseFeatures", "DenseResNetCLIP", "DenseViTCLIP", "dense_clip_encoder"]
+__all__ = [
+    "MODES",
+    "DenseFeatures",
+    "DenseResNetCLIP",
+    "DenseViTCLIP",
+    "dense_clip_encoder",
+    "FPN",
+    "AttentionPool",
+    "CLIPFPNSegmentor",
+    "CLIPResNetBackbone",
+    "CLIPViTBackbone",
+    "ContextDecoder",
+    "ContextTextEncoder",
+    "DenseCLIPSegmentor",
+    "FPNHead",
+    "FrozenCLIPTextEncoder",
+    "PreModelPrompter",
+    "TimmBackbone",
+    "UperNetHead",
+    "count_flops",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,99 @@
+"""Inference and evaluation of trained segmentation models: whole / sliding window, multi-scale + flip."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from clipdense.evaluation.metrics import SegmentationMetric, SegmentationReport
+from clipdense.predictor import window_starts
+from clipdense.training.config import EvalConfig
+
+
+def normalize(image: torch.Tensor, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> torch.Tensor:
+    """3 x H x W uint8 -> 3 x H x W float normalised with CLIP's statistics."""
+    mean = torch.tensor(mean, device=image.device).view(3, 1, 1)
+    std = torch.tensor(std, device=image.device).view(3, 1, 1)
+    return (image.float() / 255 - mean) / std
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """B x 3 x h x w -> B x K x h x w logits at the input resolution."""
+    out = model(x)["logits"]
+    return F.interpolate(out.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def infer_logits(model: nn.Module, x: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    """Whole-image or sliding-window logits (averaged over overlapping windows).
+
+    Args:
+        model: Segmentation model returning ``{"logits": B x K x h' x w'}``.
+        x: 1 x 3 x H x W normalised image.
+        cfg: ``mode``, ``crop``, ``stride``.
+
+    Returns:
+        1 x K x H x W logits.
+    """
+    if cfg.mode == "whole":
+        return _logits(model, x)
+    if cfg.mode != "slide":
+        raise ValueError(f"unknown inference mode '{cfg.mode}'; use 'whole' or 'slide'")
+    h, w = x.shape[-2:]
+    total = count = None
+    for y in window_starts(h, cfg.crop, cfg.stride):
+        for x0 in window_starts(w, cfg.crop, cfg.stride):
+            crop = x[..., y : y + cfg.crop, x0 : x0 + cfg.crop]
+            logits = _logits(model, crop)
+            if total is None:
+                total = x.new_zeros(1, logits.shape[1], h, w)
+                count = x.new_zeros(1, 1, h, w)
+            total[..., y : y + crop.shape[-2], x0 : x0 + crop.shape[-1]] += logits
+            count[..., y : y + crop.shape[-2], x0 : x0 + crop.shape[-1]] += 1
+    return total / count
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    """Class probabilities at the image's resolution, averaged over scales (and flips).
+
+    Args:
+        model: Segmentation model in eval mode.
+        image: 3 x H x W uint8 image (on the model's device).
+        cfg: Evaluation settings.
+
+    Returns:
+        K x H x W probabilities.
+    """
+    h, w = image.shape[-2:]
+    x = normalize(image)
+    probs = None
+    for scale in cfg.scales:
+        xs = x
+        if cfg.short_side is not None:
+            xs = TF.resize(x, [max(1, round(cfg.short_side * scale))], antialias=True)
+        views = [xs, xs.flip(-1)] if cfg.flip else [xs]
+        for i, view in enumerate(views):
+            logits = infer_logits(model, view[None], cfg)
+            if i == 1:
+                logits = logits.flip(-1)
+            p = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)[0]
+            probs = p if probs is None else probs + p
+    return probs / (len(cfg.scales) * (2 if cfg.flip else 1))
+
+
+def evaluate(
+    model: nn.Module, dataset, cfg: EvalConfig, device: torch.device | str = "cpu", progress: bool = True
+) -> SegmentationReport:
+    """mIoU / mAcc / aAcc / fwIoU of a model on a dataset (items with "image" uint8 and "label")."""
+    model.eval()
+    metric = SegmentationMetric(dataset.num_classes, dataset.ignore_index, class_names=list(dataset.class_names))
+    count = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
+    for i in tqdm(range(count), desc="eval", unit="img", disable=not progress):
+        sample = dataset[i]
+        probs = predict_probs(model, sample["image"].to(device), cfg)
+        metric.update(probs.argmax(0).cpu(), sample["label"])
+    return metric.compute()

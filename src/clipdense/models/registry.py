@@ -1,0 +1,423 @@
+"""Builders for DenseCLIP (Rao et al., CVPR 2022) segmentors and their baselines, with parameter and FLOP
+counting as the paper's tables do.
+
+One way in: ``create_model(name, class_names=..., pretrained=...)``; ``list_models()`` gives the names.
+``pretrained`` goes to :func:`clipdense.clip.loading.load_clip` (a tag such as ``"openai"``, a local
+file, or None for random weights, which must be asked for explicitly). The ``clip_model`` override
+picks another CLIP architecture (e.g. the tiny test towers).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from clipdense.data.classnames import display_name
+from clipdense.models.backbones import CLIPResNetBackbone, CLIPViTBackbone, TimmBackbone, dense_level_index
+from clipdense.models.decoders import FPN, FPNHead, UperNetHead
+from clipdense.models.segmentors import CLIPFPNSegmentor, DenseCLIPSegmentor
+from clipdense.models.text import ContextDecoder, ContextTextEncoder, PreModelPrompter
+
+logger = logging.getLogger(__name__)
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+# The tag used when create_model is called without ``pretrained``.
+DEFAULT_PRETRAINED = "openai"
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a builder under its function name (timm style)."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, sorted, optionally filtered by a shell pattern (``"denseclip_*"``)."""
+    names = sorted(_MODELS)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def create_model(
+    name: str,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
+    **overrides,
+) -> nn.Module:
+    """Build a registered segmentor.
+
+    Args:
+        name: One of :func:`list_models`, e.g. ``"denseclip_fpn_rn50"``.
+        class_names: K class names in label order (entries with synonyms, ``"person, people"``, are
+            prompted with their first name). Required for DenseCLIP models.
+        num_classes: K; enough for the CLIP + FPN baselines.
+        pretrained: CLIP weights: a tag of the CLIP architecture, a local checkpoint file, or None for
+            random weights.
+        **overrides: Builder options, e.g. ``clip_model="RN50"``, ``input_resolution=None``,
+            ``n_ctx=8``, ``tau=0.07``, ``aux_weight=0.4``, ``drop_path=0.1``; timm models also
+            ``timm_model``, ``backbone_pretrained``, ``timm_kwargs``.
+
+    Returns:
+        The model (train mode, as built by PyTorch).
+
+    Raises:
+        ValueError: Unknown name or missing class names.
+        clipdense.CLIPLoadError: CLIP weights cannot be loaded.
+    """
+    if name not in _MODELS:
+        raise ValueError(f"unknown model '{name}'; available: {', '.join(list_models())}")
+    return _MODELS[name](class_names=class_names, num_classes=num_classes, pretrained=pretrained, **overrides)
+
+
+def _load(clip_model: str, pretrained):
+    from clipdense.clip.loading import load_clip
+
+    return load_clip(clip_model, pretrained)
+
+
+def _check_classes(class_names: Sequence[str] | None, num_classes: int | None, need_names: bool) -> list[str] | None:
+    if class_names is None:
+        if need_names:
+            raise ValueError("DenseCLIP embeds the class names with its text encoder: pass class_names")
+        if num_classes is None:
+            raise ValueError("pass class_names or num_classes")
+        return None
+    class_names = list(class_names)
+    if num_classes is not None and num_classes != len(class_names):
+        raise ValueError(f"num_classes={num_classes} but {len(class_names)} class names")
+    return class_names
+
+
+def tokenize_class_names(tokenizer: Callable, class_names: Sequence[str], context_length: int = 5) -> torch.Tensor:
+    """Tokenize display names with SOT/EOT in ``context_length`` tokens (DenseCLIP: 5).
+
+    Returns:
+        K x context_length token ids. Names that do not fit are truncated (EOT kept) with a warning.
+    """
+    names = [display_name(c) for c in class_names]
+    full = tokenizer(names)
+    too_long = [n for n, row in zip(names, full, strict=True) if int((row != 0).sum()) > context_length]
+    if too_long:
+        logger.warning(
+            "%d class names exceed %d tokens with SOT/EOT and are truncated: %s",
+            len(too_long),
+            context_length,
+            too_long[:5],
+        )
+    return tokenizer(names, context_length=context_length)
+
+
+def _clip_backbone(
+    visual: nn.Module, with_embeddings: bool, input_resolution, drop_path, out_indices, twice, pos_interpolation
+):
+    if hasattr(visual, "attnpool"):
+        return CLIPResNetBackbone(visual, with_embeddings=with_embeddings, input_resolution=input_resolution)
+    return CLIPViTBackbone(
+        visual,
+        out_indices=out_indices,
+        drop_path=drop_path,
+        with_embeddings=with_embeddings,
+        input_resolution=input_resolution,
+        class_embedding_twice=twice,
+        pos_interpolation=pos_interpolation,
+    )
+
+
+def _decoder(kind: str, in_channels: list[int], k: int, fpn_channels: int, head_channels: int | None, dropout: float):
+    if kind == "fpn":
+        head = FPNHead(fpn_channels, k, channels=head_channels or fpn_channels, dropout=dropout)
+        return FPN(in_channels, fpn_channels), head
+    if kind == "upernet":
+        return nn.Identity(), UperNetHead(in_channels, k, channels=head_channels or 512, dropout=dropout)
+    raise ValueError(f"unknown decoder '{kind}'; choose 'fpn' or 'upernet'")
+
+
+def build_denseclip(
+    *,
+    class_names: Sequence[str] | None,
+    num_classes: int | None = None,
+    pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
+    clip_model: str = "RN50",
+    decoder: str = "fpn",
+    prompting: str = "post",
+    input_resolution: int | None = 512,
+    n_ctx: int = 8,
+    class_context_length: int = 5,
+    ctx_init_std: float = 1.0,
+    tau: float = 0.07,
+    aux_weight: float = 0.4,
+    context_decoder_width: int = 256,
+    context_decoder_heads: int = 4,
+    context_decoder_layers: int = 3,
+    context_decoder_dropout: float | None = None,
+    dropout: float = 0.1,
+    drop_path: float = 0.1,
+    out_indices: Sequence[int] | None = None,
+    class_embedding_twice: bool = False,
+    pos_interpolation: str = "bilinear",
+    fpn_channels: int = 256,
+    head_channels: int | None = None,
+    timm_model: str | None = None,
+    backbone_pretrained: bool | str | os.PathLike | None = None,
+    timm_kwargs: dict | None = None,
+) -> DenseCLIPSegmentor:
+    """Build a DenseCLIP segmentor (see :func:`create_model` for the common arguments).
+
+    Args:
+        clip_model: CLIP architecture; its text tower is the (frozen) text encoder and, unless
+            ``timm_model`` is given, its image tower the backbone.
+        decoder: ``"fpn"`` (Semantic FPN) or ``"upernet"``.
+        prompting: ``"post"`` (default), ``"pre"`` or ``"none"`` (language prompt only).
+        input_resolution: Training crop the stored positional grid is resized to once (512 for
+            ResNets, 640 for ViT-B/16); None keeps CLIP's grid.
+        n_ctx: Learnable context vectors (8).
+        class_context_length: Tokens of the class-name part incl. SOT/EOT (5).
+        ctx_init_std: Std of the truncated-normal context init (1.0: the authors' code calls
+            ``nn.init.trunc_normal_`` with its defaults, cut at +-2).
+        pos_interpolation: ViT positional-grid resizing, ``"bilinear"`` (the authors' code, default)
+            or ``"bicubic"``.
+        dropout: Dropout before the classifier and, unless ``context_decoder_dropout`` is given, in
+            the context decoder (0.1; 0 makes the model deterministic apart from ``drop_path``).
+        drop_path: Stochastic depth of ViT backbones (0.1).
+        timm_model: Use this timm backbone with a random attention pool instead of CLIP's image tower.
+        backbone_pretrained: timm weights: False, True (timm's), or a local checkpoint path; None
+            follows ``pretrained`` (random when it is None, timm's weights otherwise).
+        timm_kwargs: Extra ``timm.create_model`` arguments.
+    """
+    class_names = _check_classes(class_names, num_classes, need_names=True)
+    loaded = _load(clip_model, pretrained)
+    k = len(class_names)
+    text_encoder = ContextTextEncoder(
+        loaded.model,
+        tokenize_class_names(loaded.tokenizer, class_names, class_context_length),
+        n_ctx=n_ctx,
+        learn_contexts=prompting != "pre",
+        ctx_init_std=ctx_init_std,
+    )
+    d = text_encoder.embed_dim
+    if timm_model is None:
+        backbone = _clip_backbone(
+            loaded.model.visual,
+            True,
+            input_resolution,
+            drop_path,
+            out_indices,
+            class_embedding_twice,
+            pos_interpolation,
+        )
+    else:
+        if backbone_pretrained is None:
+            backbone_pretrained = pretrained is not None
+        if isinstance(backbone_pretrained, (str, os.PathLike)):
+            backbone_pretrained = str(Path(backbone_pretrained).expanduser())
+        backbone = TimmBackbone(timm_model, backbone_pretrained, output_dim=d, timm_kwargs=timm_kwargs)
+    if backbone.embed_dim != d:
+        raise ValueError(f"image embedding width {backbone.embed_dim} != text embedding width {d}")
+    cd_dropout = dropout if context_decoder_dropout is None else context_decoder_dropout
+    dec_args = (context_decoder_width, context_decoder_heads, context_decoder_layers, cd_dropout)
+    context_decoder = {
+        "post": lambda: ContextDecoder(d, *dec_args),
+        "pre": lambda: PreModelPrompter(d, text_encoder.width, n_ctx, *dec_args),
+        "none": lambda: None,
+    }[prompting]()
+    index = dense_level_index(backbone)
+    in_channels = list(backbone.out_channels)
+    in_channels[index] += k
+    neck, head = _decoder(decoder, in_channels, k, fpn_channels, head_channels, dropout)
+    return DenseCLIPSegmentor(
+        backbone,
+        text_encoder,
+        neck,
+        head,
+        class_names,
+        prompting=prompting,
+        context_decoder=context_decoder,
+        tau=tau,
+        aux_weight=aux_weight,
+        score_concat_index=index,
+    )
+
+
+def build_clip_fpn(
+    *,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
+    clip_model: str = "RN50",
+    decoder: str = "fpn",
+    input_resolution: int | None = None,
+    dropout: float = 0.1,
+    drop_path: float = 0.1,
+    out_indices: Sequence[int] | None = None,
+    class_embedding_twice: bool = False,
+    pos_interpolation: str = "bilinear",
+    fpn_channels: int = 256,
+    head_channels: int | None = None,
+) -> CLIPFPNSegmentor:
+    """Build the CLIP + Semantic FPN baseline: CLIP's image trunk without its pool or projection.
+
+    Options as :func:`build_denseclip` (``dropout`` is the head's).
+    """
+    class_names = _check_classes(class_names, num_classes, need_names=False)
+    k = len(class_names) if class_names is not None else num_classes
+    visual = _load(clip_model, pretrained).model.visual
+    backbone = _clip_backbone(
+        visual, False, input_resolution, drop_path, out_indices, class_embedding_twice, pos_interpolation
+    )
+    neck, head = _decoder(decoder, list(backbone.out_channels), k, fpn_channels, head_channels, dropout)
+    return CLIPFPNSegmentor(backbone, neck, head, num_classes=k, class_names=class_names)
+
+
+def _with(defaults: dict, overrides: dict) -> dict:
+    return {**defaults, **overrides}
+
+
+@register_model
+def denseclip_fpn_rn50(**kw) -> DenseCLIPSegmentor:
+    """DenseCLIP + Semantic FPN, CLIP RN50 (ADE20K: 43.5 mIoU)."""
+    return build_denseclip(**_with(dict(clip_model="RN50", input_resolution=512), kw))
+
+
+@register_model
+def denseclip_fpn_rn101(**kw) -> DenseCLIPSegmentor:
+    """DenseCLIP + Semantic FPN, CLIP RN101 (ADE20K: 45.1 mIoU)."""
+    return build_denseclip(**_with(dict(clip_model="RN101", input_resolution=512), kw))
+
+
+@register_model
+def denseclip_fpn_vitb16(**kw) -> DenseCLIPSegmentor:
+    """DenseCLIP + Semantic FPN, CLIP ViT-B/16, 640 crops, drop path 0.1 (ADE20K: 50.6 mIoU)."""
+    return build_denseclip(**_with(dict(clip_model="ViT-B-16", input_resolution=640, drop_path=0.1), kw))
+
+
+@register_model
+def denseclip_upernet_rn50(**kw) -> DenseCLIPSegmentor:
+    """DenseCLIP + UPerNet (channels 512), CLIP RN50."""
+    return build_denseclip(**_with(dict(clip_model="RN50", input_resolution=512, decoder="upernet"), kw))
+
+
+@register_model
+def denseclip_fpn_rn50_prompt_only(**kw) -> DenseCLIPSegmentor:
+    """Ablation: learned language prompt only, no vision-to-language context (ADE20K: 42.1 mIoU)."""
+    return build_denseclip(**_with(dict(clip_model="RN50", input_resolution=512, prompting="none"), kw))
+
+
+@register_model
+def denseclip_fpn_rn50_pre(**kw) -> DenseCLIPSegmentor:
+    """Ablation: pre-model prompting (ADE20K: 42.9 mIoU)."""
+    return build_denseclip(**_with(dict(clip_model="RN50", input_resolution=512, prompting="pre"), kw))
+
+
+@register_model
+def denseclip_fpn_timm(**kw) -> DenseCLIPSegmentor:
+    """DenseCLIP with any timm backbone (pass ``timm_model``) and a random attention pool; CLIP RN50 text."""
+    if kw.get("timm_model") is None:
+        raise ValueError("denseclip_fpn_timm needs timm_model='<timm name>'")
+    return build_denseclip(**_with(dict(clip_model="RN50"), kw))
+
+
+@register_model
+def denseclip_fpn_timm_resnet50(**kw) -> DenseCLIPSegmentor:
+    """DenseCLIP with an ImageNet ResNet-50 (timm) and a random attention pool; CLIP RN50 text."""
+    return build_denseclip(**_with(dict(clip_model="RN50", timm_model="resnet50"), kw))
+
+
+@register_model
+def denseclip_fpn_timm_swin_t(**kw) -> DenseCLIPSegmentor:
+    """DenseCLIP with Swin-T (timm, any input size) and a random attention pool; CLIP RN50 text."""
+    kw = _with(dict(clip_model="RN50", timm_model="swin_tiny_patch4_window7_224"), kw)
+    kw["timm_kwargs"] = _with(dict(img_size=512, strict_img_size=False), kw.get("timm_kwargs") or {})
+    return build_denseclip(**kw)
+
+
+@register_model
+def clip_fpn_rn50(**kw) -> CLIPFPNSegmentor:
+    """CLIP RN50 + Semantic FPN baseline (ADE20K: 39.6 mIoU)."""
+    return build_clip_fpn(**_with(dict(clip_model="RN50"), kw))
+
+
+@register_model
+def clip_fpn_rn101(**kw) -> CLIPFPNSegmentor:
+    """CLIP RN101 + Semantic FPN baseline (ADE20K: 42.7 mIoU)."""
+    return build_clip_fpn(**_with(dict(clip_model="RN101"), kw))
+
+
+@register_model
+def clip_fpn_vitb16(**kw) -> CLIPFPNSegmentor:
+    """CLIP ViT-B/16 + Semantic FPN baseline, 640 crops (ADE20K: 49.4 mIoU)."""
+    return build_clip_fpn(**_with(dict(clip_model="ViT-B-16", input_resolution=640, drop_path=0.1), kw))
+
+
+def _frozen_text_parameters(model: nn.Module) -> set[int]:
+    text = getattr(model, "text_encoder", None)
+    encoder = getattr(text, "encoder", None)
+    return {id(p) for p in encoder.parameters()} if encoder is not None else set()
+
+
+def count_parameters(model: nn.Module, include_text_encoder: bool = False) -> int:
+    """Parameters of a model as the paper counts them.
+
+    Args:
+        model: A segmentor.
+        include_text_encoder: Count the frozen CLIP text encoder too. The paper does not (its output
+            is cached after training); learned contexts, context decoder and gamma are counted.
+
+    Returns:
+        Number of parameters (shared parameters once).
+    """
+    frozen = set() if include_text_encoder else _frozen_text_parameters(model)
+    return sum(p.numel() for p in model.parameters() if id(p) not in frozen)
+
+
+def count_flops(model: nn.Module, size: tuple[int, int] = (1024, 1024)) -> dict[str, float]:
+    """GFLOPs of one forward pass, as multiply-adds (fvcore's convention, used by the paper).
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matmuls, attention) on a
+    meta-device copy of the model, so nothing is computed; its count (2 per multiply-add) is halved.
+
+    Args:
+        model: A segmentor.
+        size: Input (H, W).
+
+    Returns:
+        ``gflops``: without the text encoder (cached text embeddings; for pre-model prompting, which
+        runs the encoder per image, the encoder's share is subtracted) and
+        ``gflops_with_text_encoder``.
+    """
+    meta = copy.deepcopy(model).eval().to("meta").requires_grad_(False)
+    text = getattr(meta, "text_encoder", None)
+    if text is not None:
+        text.clear_text_cache()
+    images = torch.empty(1, 3, *size, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta(images)
+    total = counter.get_total_flops()
+    text_flops = 0
+    if text is not None:
+        suffix = ".text_encoder.encoder"
+        for name, ops in counter.get_flop_counts().items():
+            if name.endswith(suffix):
+                text_flops = sum(ops.values())
+    return {"gflops": (total - text_flops) / 2e9, "gflops_with_text_encoder": total / 2e9}
+
+
+__all__ = [
+    "DEFAULT_PRETRAINED",
+    "build_clip_fpn",
+    "build_denseclip",
+    "count_flops",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "register_model",
+    "tokenize_class_names",
+]

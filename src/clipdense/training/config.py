@@ -1,0 +1,250 @@
+"""Experiment configuration: dataclasses, YAML files with ``_base_`` inheritance, ``key=value`` overrides.
+
+A YAML file maps onto :class:`ExperimentConfig` section by section; unknown keys are errors (a
+typo must not silently train the wrong thing). Each run writes its resolved config next to its
+checkpoints, so a run directory fully describes how its weights were made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Attributes:
+    name: A name from ``clipdense.list_models()``.
+    pretrained: CLIP weights: an open_clip tag, a local checkpoint file, or null for random weights.
+    overrides: Extra keyword arguments for ``create_model`` (e.g. ``clip_model``).
+    class_names: Filled in from the dataset when the run starts (written to the resolved config).
+    """
+
+    name: str = "denseclip_fpn_rn50"
+    pretrained: str | None = "openai"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+
+
+@dataclass
+class DataConfig:
+    """Attributes:
+    dataset: A name from ``clipdense.data.datasets.list_datasets()``.
+    root: The dataset folder in its standard layout.
+    crop_size: Training crop (square).
+    scale: mmseg-style rescale target (long, short) before the random ratio.
+    ratio_range: Random rescale ratio range.
+    cat_max_ratio: Max share of one class in a random crop.
+    photometric: Photometric distortion on/off.
+    workers: DataLoader workers per process.
+    skip_bad: Skip (and count) unreadable/invalid samples instead of stopping with an error.
+    """
+
+    dataset: str = "ade20k"
+    root: str = "data/ADEChallengeData2016"
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int = 512
+    scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    workers: int = 4
+    skip_bad: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with parameter groups and a poly schedule with linear warmup (DenseCLIP's recipe)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 0.1
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 0.9
+    min_lr: float = 1e-6
+    grad_clip: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Attributes:
+    iters: Total optimiser steps.
+    batch_size: Images per process per step (global batch = batch_size x world size).
+    precision: ``fp32``, ``bf16`` or ``fp16`` autocast (fp16 uses a gradient scaler).
+    grad_checkpointing: Recompute activations of the image backbone in the backward pass.
+    sync_bn: Convert BatchNorm to SyncBatchNorm under multi-GPU DDP (CUDA only).
+    freeze_bn: Keep BatchNorm layers in eval mode (running statistics fixed).
+    """
+
+    iters: int = 80000
+    batch_size: int = 4
+    precision: str = "bf16"
+    grad_checkpointing: bool = False
+    sync_bn: bool = True
+    freeze_bn: bool = False
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 4000
+    eval_every: int = 8000
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    """Attributes:
+    mode: ``slide`` or ``whole`` inference.
+    short_side: Resize the short side to this before inference (null: keep).
+    crop, stride: Sliding-window crop and stride.
+    scales: Multi-scale ratios of ``short_side`` (DenseCLIP: 0.5..1.75 step 0.25).
+    flip: Average with the horizontally flipped image.
+    """
+
+    mode: str = "slide"
+    short_side: int | None = 512
+    crop: int = 512
+    stride: int = 341
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    limit: int | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    run_dir: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"config inheritance loops through {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of sections")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml(path.parent / base, (*seen, path)), data)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ValueError(f"{where}: {value!r} does not fit {tp} ({'; '.join(errors)})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ValueError(f"{where}: expected a {origin.__name__}, got {value!r}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in data.items()})
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.iters=100", "model.overrides.clip_model=tiny-RN"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (with ``_base_`` inheritance) and apply ``key=value`` overrides.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: ``section.key=value`` strings.
+
+    Returns:
+        The typed config.
+    """
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(ExperimentConfig, data, "")
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    data = cfg.to_dict()
+    tmp.write_text(yaml.safe_dump(_plain(data), sort_keys=False))
+    tmp.replace(path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

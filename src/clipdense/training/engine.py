@@ -1,0 +1,539 @@
+"""Iteration-based training of segmentation models: DDP, AMP, atomic checkpoints, exact resume.
+
+Run with ``clipdense train CONFIG [key=value ...]`` on one process, or under ``torchrun
+--nproc_per_node N`` (and ``--nnodes``) for DistributedDataParallel. What makes a resumed run
+continue bit for bit where a stopped one left off:
+
+* the data order is a function of (seed, step): :class:`StepSampler` draws one permutation per
+  epoch and starts at any step without loading the skipped batches;
+* each sample's augmentation is seeded by (seed, epoch, index) (:class:`SeededSamples`), so it
+  does not depend on workers, ranks or what was loaded before;
+* model, optimiser, scheduler, gradient scaler and RNG states are saved together in a step
+  folder, and a ``latest`` pointer is replaced atomically only after the folder is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from clipdense.training.config import ExperimentConfig, save_config
+
+logger = logging.getLogger("clipdense.train")
+
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+# Config sections that may change between a run and its resume without changing the trajectory.
+_RESUME_FREE = {("train", "log_every"), ("train", "ckpt_every"), ("train", "eval_every"), ("data", "workers")}
+
+
+# ------------------------------------------------------------------------------------------- data order
+
+
+class StepSampler(Sampler):
+    """Infinite stream of ``(epoch, index)`` for this rank, a pure function of (seed, step).
+
+    Each epoch is a seeded permutation cut into global batches of ``batch_size * world_size``
+    (the incomplete last batch is dropped); rank r takes its slice of every global batch.
+
+    Args:
+        num_samples: Dataset size.
+        batch_size: Samples per rank per step.
+        rank: This process's rank.
+        world_size: Number of processes.
+        seed: Data-order seed.
+        start_step: First step to yield (resume).
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0
+    ) -> None:
+        self.global_batch = batch_size * world_size
+        if num_samples < self.global_batch:
+            raise ValueError(
+                f"the training set has {num_samples} samples, fewer than one global batch ({self.global_batch}); "
+                "lower train.batch_size or add data"
+            )
+        self.num_samples, self.batch_size, self.rank = num_samples, batch_size, rank
+        self.seed, self.start_step = seed, start_step
+        self.steps_per_epoch = num_samples // self.global_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        step, perm_epoch, perm = self.start_step, None, None
+        while True:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+                perm_epoch = epoch
+            start = k * self.global_batch + self.rank * self.batch_size
+            for index in perm[start : start + self.batch_size].tolist():
+                yield epoch, index
+            step += 1
+
+
+class SeededSamples(Dataset):
+    """Runs each item's augmentation under a seed derived from (seed, epoch, index).
+
+    Takes the ``(epoch, index)`` items of :class:`StepSampler`. The global RNG state is restored
+    afterwards, so loading in the main process does not disturb the model's dropout.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+# ------------------------------------------------------------------------------------------- optimiser
+
+
+def param_groups(model: nn.Module, cfg) -> list[dict[str, Any]]:
+    """AdamW groups: backbone at ``lr * backbone_lr_mult``; no weight decay on the context decoder's
+    norms (and on 1-d parameters of the context decoder); frozen parameters (text encoder) left out."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = cfg.backbone_lr_mult if name.startswith("backbone.") else 1.0
+        wd = 0.0 if name.startswith("context_decoder.") and p.ndim == 1 else cfg.weight_decay
+        groups.setdefault((mult, wd), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * m, "weight_decay": wd, "lr_mult": m} for (m, wd), ps in groups.items()]
+
+
+def poly_warmup_factor(step: int, cfg, total: int, base_lr: float) -> float:
+    """mmseg's poly schedule with ``min_lr`` and linear warmup, as a factor of ``base_lr``."""
+    coeff = (1 - min(step, total) / total) ** cfg.power
+    lr = (base_lr - cfg.min_lr) * coeff + cfg.min_lr if base_lr > cfg.min_lr else base_lr * coeff
+    if step < cfg.warmup_iters:
+        k = (1 - step / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+        lr *= 1 - k
+    return lr / base_lr
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step: int) -> Path:
+    """Write ``checkpoints/step_XXXXXXX/{model.safetensors,state.pt}``, then point ``latest`` at it."""
+    root = run_dir / CHECKPOINTS
+    folder = root / f"step_{step:07d}"
+    partial = root / f".step_{step:07d}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(partial / "model.safetensors"), metadata={"step": str(step)})
+    torch.save(state, partial / "state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    _atomic(root / "latest", lambda tmp: tmp.write_text(folder.name + "\n"))
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder ``checkpoints/latest`` points to, or None."""
+    pointer = Path(run_dir) / CHECKPOINTS / "latest"
+    if not pointer.is_file():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{pointer} points to {folder}, which has no model.safetensors")
+    return folder
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors state dict strictly (a run's weights must fit its own architecture)."""
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape mismatches {mismatched[:3]}"
+        )
+    model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def _distributed(device_name: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _freeze_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    import yaml
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    now = json.loads(json.dumps(cfg.to_dict()))
+    diffs = []
+    for section in ("model", "data", "optim", "train"):
+        for key, value in now[section].items():
+            if (section, key) in _RESUME_FREE or (section, key) == ("model", "class_names"):
+                continue
+            old = saved.get(section, {}).get(key)
+            if json.loads(json.dumps(old)) != value:
+                diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
+    if diffs:
+        raise ValueError(
+            f"cannot resume {run_dir}: the config changed ({'; '.join(diffs)}). Resume with the same settings "
+            "or start a new run directory."
+        )
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+class _Stop(Exception):
+    pass
+
+
+def train(
+    cfg: ExperimentConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Train a model as the config says; returns a summary (final step, losses, run directory).
+
+    Args:
+        cfg: The experiment.
+        resume: Continue from the run directory's latest checkpoint (exactly where it stopped).
+        progress: Show a progress bar (rank 0).
+        stop_after: Stop (with a checkpoint, resumable) after this step, as an interruption would.
+    """
+    from clipdense.data.checks import SkipBadSamples, collate_skip_none
+    from clipdense.data.datasets import build_dataset
+    from clipdense.data.transforms import build_train_transform
+    from clipdense.evaluation.segmentation import evaluate
+    from clipdense.models.registry import create_model
+
+    rank, world, device = _distributed(cfg.train.device)
+    main_process = rank == 0
+    run_dir = cfg.resolved_run_dir()
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        logger.warning("no checkpoint in %s: starting from step 0", run_dir)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue, or use another run_dir")
+    if ckpt is not None:
+        _check_resume_config(run_dir, cfg)
+
+    torch.manual_seed(cfg.train.seed)
+    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split)
+    dataset.transform = build_train_transform(
+        cfg.data.crop_size,
+        scale=cfg.data.scale,
+        ratio_range=cfg.data.ratio_range,
+        cat_max_ratio=cfg.data.cat_max_ratio,
+        photometric=cfg.data.photometric,
+        ignore_index=dataset.ignore_index,
+    )
+    cfg.model.class_names = list(dataset.class_names)
+    model = create_model(
+        cfg.model.name, class_names=cfg.model.class_names, pretrained=cfg.model.pretrained, **cfg.model.overrides
+    ).to(device)
+    if cfg.train.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"{cfg.model.name} does not support gradient checkpointing")
+        model.set_grad_checkpointing(True)
+    if world > 1 and device.type == "cuda" and cfg.train.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world > 1 and cfg.train.sync_bn and main_process:
+        logger.warning("SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on %s", device)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        [
+            lambda s, base=g["lr"]: poly_warmup_factor(s, cfg.optim, cfg.train.iters, base)
+            for g in optimizer.param_groups
+        ],
+    )
+    precision = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
+
+    step, skipped_total = 0, 0
+    if ckpt is not None:
+        load_weights(model, ckpt / "model.safetensors")
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        step, skipped_total = int(state["step"]), int(state.get("skipped", 0))
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    global_batch = cfg.train.batch_size * world
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _atomic(
+            run_dir / "run_info.json",
+            lambda tmp: tmp.write_text(
+                json.dumps(
+                    {
+                        "world_size": world,
+                        "batch_size_per_process": cfg.train.batch_size,
+                        "global_batch_size": global_batch,
+                        "device": str(device),
+                        "start_step": step,
+                    },
+                    indent=2,
+                )
+            ),
+        )
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.info(
+            "%s: global batch %d (%d x %d processes) on %s, from step %d",
+            cfg.name,
+            global_batch,
+            cfg.train.batch_size,
+            world,
+            device,
+            step,
+        )
+        print(f"global batch size {global_batch} ({cfg.train.batch_size} per process x {world})")
+
+    samples = SeededSamples(SkipBadSamples(dataset, skip=cfg.data.skip_bad), cfg.train.seed)
+    sampler = StepSampler(len(dataset), cfg.train.batch_size, rank, world, cfg.train.seed, start_step=step)
+    loader = DataLoader(
+        samples,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.workers,
+        collate_fn=collate_skip_none,
+        persistent_workers=cfg.data.workers > 0,
+        generator=torch.Generator().manual_seed(cfg.train.seed),  # leaves the global RNG (dropout) alone
+    )
+    writer = _tensorboard(run_dir) if main_process else None
+    metrics_path = run_dir / "metrics.jsonl"
+    if main_process and ckpt is None and metrics_path.exists():
+        metrics_path.unlink()
+    if main_process and ckpt is not None:
+        _truncate_metrics(metrics_path, step)
+
+    def state_dict() -> dict[str, Any]:
+        return {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "skipped": skipped_total,
+        }
+
+    stop = {"signal": None}
+    previous = (
+        {s: signal.signal(s, lambda n, f: stop.update(signal=n)) for s in (signal.SIGTERM,)} if main_process else {}
+    )
+    losses_seen: list[float] = []
+    model.train()
+    if cfg.train.freeze_bn:
+        _freeze_bn(model)
+    bar = tqdm(total=cfg.train.iters, initial=step, desc=cfg.name, unit="it", disable=not (progress and main_process))
+    tic = time.perf_counter()
+    data_iter = iter(loader)
+    try:
+        while step < cfg.train.iters:
+            batch = next(data_iter)
+            skipped_total += _all_reduce_int(batch["skipped"], world)
+            if batch["image"] is None:
+                raise ValueError(
+                    "a whole batch was skipped as bad samples; check the dataset (clipdense check-dataset)"
+                )
+            images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                outputs = ddp(images)
+                losses = model.losses(outputs, labels)
+                loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr or use fp32")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip
+                )
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            losses_seen.append(loss.item())
+            bar.update(1)
+            if main_process and (step % cfg.train.log_every == 0 or step == cfg.train.iters):
+                elapsed = time.perf_counter() - tic
+                record = {
+                    "step": step,
+                    "loss": loss.item(),
+                    **{k: v.item() for k, v in losses.items()},
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": global_batch * cfg.train.log_every / elapsed,
+                    "skipped": skipped_total,
+                }
+                tic = time.perf_counter()
+                _log(metrics_path, writer, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters:
+                if main_process:
+                    save_checkpoint(run_dir, model, state_dict(), step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.iters and main_process:
+                _evaluate_during_training(model, cfg, evaluate, device, metrics_path, writer, step)
+            if stop["signal"] is not None or (stop_after is not None and step >= stop_after):
+                raise _Stop()
+    except (KeyboardInterrupt, _Stop):
+        if main_process:
+            folder = save_checkpoint(run_dir, model, state_dict(), step)
+            logger.info("stopped at step %d; checkpoint %s; continue with --resume", step, folder)
+            print(f"stopped at step {step}: checkpoint saved to {folder}; continue with --resume")
+        return {
+            "step": step,
+            "finished": False,
+            "losses": losses_seen,
+            "run_dir": str(run_dir),
+            "skipped": skipped_total,
+        }
+    finally:
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if writer is not None:
+            writer.close()
+        for h in list(logger.handlers):
+            if isinstance(h, logging.FileHandler):
+                logger.removeHandler(h)
+                h.close()
+    if skipped_total and main_process:
+        print(f"skipped {skipped_total} bad samples in total (see train.log)")
+    if main_process and cfg.train.eval_every:
+        _evaluate_during_training(model, cfg, evaluate, device, metrics_path, None, step)
+    if world > 1:
+        dist.barrier()
+    return {"step": step, "finished": True, "losses": losses_seen, "run_dir": str(run_dir), "skipped": skipped_total}
+
+
+def _all_reduce_int(value: int, world: int) -> int:
+    if world == 1:
+        return value
+    t = torch.tensor([value])
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.info("tensorboard is not installed: logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _log(path: Path, writer, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(key, value, record["step"])
+    logger.info(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        _atomic(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
+
+
+def _evaluate_during_training(model, cfg, evaluate, device, metrics_path, writer, step) -> None:
+    from clipdense.data.datasets import build_dataset
+
+    try:
+        val = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split)
+    except FileNotFoundError as e:
+        logger.warning("no validation split, skipping evaluation: %s", e)
+        return
+    report = evaluate(model, val, cfg.eval, device, progress=False)
+    model.train()
+    if cfg.train.freeze_bn:
+        _freeze_bn(model)
+    _log(
+        metrics_path, writer, {"step": step, "val_miou": report.miou, "val_macc": report.macc, "val_aacc": report.aacc}
+    )
+
+
+def build_from_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
+    """Rebuild a trained model from its run directory (resolved config + latest weights)."""
+    from clipdense.models.registry import create_model
+    from clipdense.training.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a run directory (no config.yaml); pass the folder `clipdense train` wrote"
+        )
+    cfg = load_config(run_dir / "config.yaml")
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
+    # The checkpoint holds every weight, CLIP's included: build without loading CLIP weights, then load all.
+    loading_logger = logging.getLogger("clipdense.clip.loading")
+    level = loading_logger.level
+    loading_logger.setLevel(logging.ERROR)  # no "random weights" warning: they are replaced right below
+    try:
+        model = create_model(cfg.model.name, class_names=cfg.model.class_names, pretrained=None, **cfg.model.overrides)
+    finally:
+        loading_logger.setLevel(level)
+    load_weights(model, folder / "model.safetensors")
+    return model.to(device).eval(), cfg

@@ -1,0 +1,98 @@
+"""Pieces of the training engine: data order, schedule, parameter groups, atomic checkpoints."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from clipdense.training.config import OptimConfig
+from clipdense.training.engine import (
+    SeededSamples,
+    StepSampler,
+    latest_checkpoint,
+    load_weights,
+    param_groups,
+    poly_warmup_factor,
+    save_checkpoint,
+)
+
+
+def _take(sampler, n):
+    return list(itertools.islice(iter(sampler), n))
+
+
+def test_sampler_resumes_at_any_step_and_splits_ranks():
+    full = _take(StepSampler(10, batch_size=2, seed=3), 2 * 12)  # 12 steps: crosses 2 epochs (5 steps each)
+    for start in (0, 1, 4, 5, 7):
+        assert _take(StepSampler(10, batch_size=2, seed=3, start_step=start), 4) == full[2 * start : 2 * start + 4]
+    epoch0 = [i for e, i in full[:10]]
+    assert sorted(epoch0) == list(range(10)) and full[10][0] == 1
+    # two ranks with batch 1 cover exactly the single-process batch of 2, in order
+    r0 = _take(StepSampler(10, batch_size=1, rank=0, world_size=2, seed=3), 6)
+    r1 = _take(StepSampler(10, batch_size=1, rank=1, world_size=2, seed=3), 6)
+    assert [x for pair in zip(r0, r1, strict=True) for x in pair] == full[:12]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepSampler(3, batch_size=2, world_size=2)
+
+
+def test_seeded_samples_do_not_depend_on_order_or_global_rng():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3) + i
+
+    ds = SeededSamples(Noisy(), seed=1)
+    a = ds[(0, 2)]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    _ = ds[(0, 1)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    assert torch.equal(ds[(0, 2)], a) and not torch.equal(ds[(1, 2)], a)
+
+
+def test_poly_schedule_with_warmup():
+    cfg = OptimConfig(lr=1e-4, warmup_iters=10, warmup_ratio=1e-6, power=0.9, min_lr=1e-6)
+    total = 100
+    lr = lambda s: 1e-4 * poly_warmup_factor(s, cfg, total, 1e-4)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-6 * ((1e-4 - 1e-6) + 1e-6), rel=1e-6)
+    assert lr(50) == pytest.approx((1e-4 - 1e-6) * 0.5**0.9 + 1e-6)
+    assert lr(100) == pytest.approx(1e-6)
+    assert all(lr(s) < lr(s + 1) for s in range(9))  # warmup rises
+
+
+def test_param_groups_backbone_multiplier_frozen_and_no_decay():
+    model = nn.Module()
+    model.backbone = nn.Linear(2, 2)
+    model.text_encoder = nn.Linear(2, 2).requires_grad_(False)
+    model.context_decoder = nn.Sequential(nn.LayerNorm(2), nn.Linear(2, 2))
+    model.decode_head = nn.Linear(2, 2)
+    groups = param_groups(model, OptimConfig(lr=1.0, weight_decay=0.5, backbone_lr_mult=0.1))
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model.backbone.weight)]["lr"] == pytest.approx(0.1)
+    assert id(model.text_encoder.weight) not in by_param
+    assert by_param[id(model.context_decoder[0].weight)]["weight_decay"] == 0.0
+    assert by_param[id(model.context_decoder[1].weight)]["weight_decay"] == 0.5
+    assert by_param[id(model.decode_head.weight)]["lr"] == 1.0
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    model = nn.Linear(3, 2)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        save_checkpoint(tmp_path, model, {"step": step}, step)
+    folder = latest_checkpoint(tmp_path)
+    assert folder.name == "step_0000003"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000002", "step_0000003"]
+    fresh = nn.Linear(3, 2)
+    load_weights(fresh, folder / "model.safetensors")
+    assert torch.all(fresh.weight == 3)
+    assert torch.load(folder / "state.pt", weights_only=True)["step"] == 3
+    # a crash while writing leaves a .partial folder that never becomes "latest"
+    (tmp_path / "checkpoints" / ".step_0000004.partial").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step_0000003"
+    with pytest.raises(ValueError, match="does not fit"):
+        load_weights(nn.Linear(4, 2), folder / "model.safetensors")

@@ -1,0 +1,215 @@
+"""The training engine end to end on a generated dataset: learning, exact resume, DDP parity, bad data,
+and the trained run through `clipdense eval`, `segment --checkpoint` and `flops`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from clipdense.cli import main
+from clipdense.data.datasets import build_dataset
+from clipdense.evaluation.segmentation import evaluate
+from clipdense.training.config import load_config
+from clipdense.training.engine import latest_checkpoint, train
+
+COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 70, 220]], np.uint8)
+
+
+def write_colour_dataset(root, n=12, size=48, seed=0):
+    """A `folder`-layout dataset where each pixel's class is its colour (plus noise): learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("red thing\ngreen thing\nblue thing\n")
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        cuts = sorted(rng.integers(4, size - 4, 2))
+        mask[:, cuts[0] :] = 1
+        mask[:, cuts[1] :] = 2
+        if i % 2:
+            mask = mask.T.copy()
+        image = COLOURS[mask].astype(np.int16) + rng.integers(-25, 25, (size, size, 3))
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
+    (root / "train.txt").write_text("".join(f"{i:03d}\n" for i in range(n - 4)))
+    (root / "val.txt").write_text("".join(f"{i:03d}\n" for i in range(n - 4, n)))
+    return root
+
+
+def tiny_overrides(root, run_dir, model="denseclip_fpn_rn50", iters=30, **extra):
+    base = {
+        "name": "tiny",
+        "run_dir": str(run_dir),
+        "model.name": model,
+        "model.pretrained": "null",
+        "model.overrides": json.dumps({"clip_model": "tiny-RN", **extra.pop("model_overrides", {})}),
+        "data.dataset": "folder",
+        "data.root": str(root),
+        "data.crop_size": 32,
+        "data.scale": "[64, 48]",
+        "data.workers": 0,
+        "optim.lr": 1e-3,
+        "optim.warmup_iters": 5,
+        "train.iters": iters,
+        "train.batch_size": 4,
+        "train.precision": "fp32",
+        "train.log_every": 5,
+        "train.ckpt_every": 1000,
+        "train.eval_every": 0,
+        "train.device": "cpu",
+        "eval.mode": "whole",
+        "eval.short_side": "null",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    return write_colour_dataset(tmp_path_factory.mktemp("colours"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(colour_data, tmp_path_factory, tiny_configs):
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = load_config(None, tiny_overrides(colour_data, run_dir, iters=40))
+    result = train(cfg, progress=False)
+    return cfg, result
+
+
+def _miou(model, root):
+    from clipdense.training.config import EvalConfig
+
+    return evaluate(
+        model, build_dataset("folder", root, "val"), EvalConfig(mode="whole", short_side=None), progress=False
+    ).miou
+
+
+def test_tiny_denseclip_learns(trained_run, colour_data):
+    from clipdense.models.registry import create_model
+    from clipdense.training.engine import build_from_run
+
+    cfg, result = trained_run
+    assert result["finished"] and result["step"] == 40
+    assert len(result["losses"]) == 40
+    torch.manual_seed(cfg.train.seed)
+    untrained = create_model(cfg.model.name, class_names=cfg.model.class_names, pretrained=None, clip_model="tiny-RN")
+    trained, _ = build_from_run(cfg.run_dir)
+    assert _miou(trained, colour_data) > _miou(untrained.eval(), colour_data) + 10
+    run = cfg.resolved_run_dir()
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["global_batch_size"] == 4
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    decode = [r["decode"] for r in records]
+    assert np.mean(decode[-2:]) < 0.6 * decode[0]
+
+
+def test_text_encoder_frozen_contexts_and_gamma_train(trained_run, tiny_configs):
+    from clipdense.models.registry import create_model
+
+    cfg, _ = trained_run
+    torch.manual_seed(cfg.train.seed)
+    initial = create_model(cfg.model.name, class_names=cfg.model.class_names, pretrained=None, clip_model="tiny-RN")
+    before = initial.state_dict()
+    after = load_file(str(latest_checkpoint(cfg.run_dir) / "model.safetensors"))
+    text_keys = [k for k in before if k.startswith("text_encoder.") and "contexts" not in k]
+    assert text_keys and all(torch.equal(before[k], after[k]) for k in text_keys)
+    changed = [k for k in before if ("contexts" in k or k == "gamma") and not torch.equal(before[k], after[k])]
+    assert any("contexts" in k for k in changed) and "gamma" in changed
+
+
+def test_resume_equals_uninterrupted_run(colour_data, tmp_path, tiny_configs):
+    full = train(load_config(None, tiny_overrides(colour_data, tmp_path / "a", iters=8)), progress=False)
+    cfg = load_config(None, tiny_overrides(colour_data, tmp_path / "b", iters=8))
+    first = train(cfg, progress=False, stop_after=3)
+    assert not first["finished"] and first["step"] == 3
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, progress=False)
+    second = train(cfg, resume=True, progress=False)
+    assert second["finished"] and first["losses"] + second["losses"] == full["losses"]
+    a = load_file(str(latest_checkpoint(tmp_path / "a") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = load_config(None, tiny_overrides(colour_data, tmp_path / "b", iters=8, **{"optim.lr": 0.5}))
+    with pytest.raises(ValueError, match="config changed"):
+        train(changed, resume=True, progress=False)
+
+
+def test_ddp_two_processes_equal_one_process(colour_data, tmp_path, tiny_configs):
+    """2 CPU processes (gloo) x batch 2 == 1 process x batch 4 (BN frozen, no dropout, no ignored pixels)."""
+    common = {"train.freeze_bn": "true", "data.ratio_range": "[1.0, 1.0]", "data.scale": "[48, 48]",
+              "data.crop_size": 48, "model_overrides": {"dropout": 0.0, "context_decoder_dropout": 0.0}}  # fmt: skip
+    one = load_config(None, tiny_overrides(colour_data, tmp_path / "one", iters=3, **dict(common)))
+    train(one, progress=False)
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, pathlib\n"
+        f"sys.path.insert(0, {str(os.path.dirname(__file__) + '/..')!r})\n"
+        "from tiny_models import register_tiny_configs\n"
+        "import tempfile; register_tiny_configs(pathlib.Path(tempfile.mkdtemp()))\n"
+        "from clipdense.training.config import load_config\n"
+        "from clipdense.training.engine import train\n"
+        "train(load_config(None, sys.argv[1:]), progress=False)\n"
+    )
+    two = tiny_overrides(colour_data, tmp_path / "two", iters=3, **{**common, "train.batch_size": 2})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(script),
+        *two,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(latest_checkpoint(tmp_path / "one") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "two") / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert json.loads((tmp_path / "two" / "run_info.json").read_text())["global_batch_size"] == 4
+
+
+def test_bad_training_data_error_or_counted_skip(colour_data, tmp_path, tiny_configs):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(colour_data, root)
+    (root / "images" / "001.png").write_bytes(b"broken")
+    cfg = load_config(None, tiny_overrides(root, tmp_path / "strict", iters=4))
+    with pytest.raises(ValueError, match="001.png"):
+        train(cfg, progress=False)
+    cfg = load_config(None, tiny_overrides(root, tmp_path / "skip", iters=4, **{"data.skip_bad": "true"}))
+    result = train(cfg, progress=False)
+    assert result["finished"] and result["skipped"] >= 1
+
+
+def test_cli_eval_segment_flops_check(trained_run, colour_data, tmp_path, capsys):
+    cfg, _ = trained_run
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(cfg.run_dir), "--out", str(out), "--mode", "whole"]) == 0
+    report = json.loads(out.read_text())
+    assert report["dataset"] == "folder" and len(report["per_class_iou"]) == 3
+    image = colour_data / "images" / "011.png"
+    assert main(["segment", str(image), "--checkpoint", str(cfg.run_dir), "--out", str(tmp_path / "seg")]) == 0
+    labels = np.array(Image.open(tmp_path / "seg" / "011_labels.png"))
+    assert labels.shape == (48, 48) and labels.max() <= 2
+    assert json.loads((tmp_path / "seg" / "011.json").read_text())["classes"] == [
+        "red thing",
+        "green thing",
+        "blue thing",
+    ]
+    capsys.readouterr()
+    assert main(["check-dataset", "--dataset", "folder", "--root", str(colour_data)]) == 0
+    assert "red thing" in capsys.readouterr().out
