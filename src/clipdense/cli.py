@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("semantic", "coco", "both"), default="both")
     p.add_argument("--image-size", type=int, default=160)
     p.set_defaults(func=cmd_shapesworld_generate)
-    p = sw.add_parser("train", help="contrastive CLIP training on ShapesWorld (options: see --help after train)")
+    p = sw.add_parser("train", help="contrastive CLIP training on ShapesWorld (see its --help)")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_shapesworld_train)
     p = sw.add_parser("evaluate", help="zero-shot accuracy and training-free mIoU of each dense mode")
@@ -423,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from clipdense.clip.loading import CLIPLoadError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["shapesworld", "train"]:  # its own parser, options and --help included
+        from clipdense.training.clip_pretrain import main as pretrain_main
+
+        return pretrain_main(argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

@@ -101,6 +101,7 @@ def test_tiny_denseclip_learns(trained_run, colour_data):
     torch.manual_seed(cfg.train.seed)
     untrained = create_model(cfg.model.name, class_names=cfg.model.class_names, pretrained=None, clip_model="tiny-RN")
     trained, _ = build_from_run(cfg.run_dir)
+    assert trained.text_encoder.text_cache is not None  # inference needs no text encoder
     assert _miou(trained, colour_data) > _miou(untrained.eval(), colour_data) + 10
     run = cfg.resolved_run_dir()
     assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
@@ -213,3 +214,27 @@ def test_cli_eval_segment_flops_check(trained_run, colour_data, tmp_path, capsys
     capsys.readouterr()
     assert main(["check-dataset", "--dataset", "folder", "--root", str(colour_data)]) == 0
     assert "red thing" in capsys.readouterr().out
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  name: denseclip_fpn_rn50\n  overrides:\n    clip_model: tiny-RN\n")
+    assert main(["flops", str(config), "--size", "64", "--num-classes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "excluded (as the paper counts)" in out and "GFLOPs" in out
+
+
+def test_eval_multiscale_flip_and_sliding_window(trained_run, colour_data):
+    from dataclasses import replace
+
+    from clipdense.evaluation.segmentation import predict_probs
+    from clipdense.training.engine import build_from_run
+
+    cfg, _ = trained_run
+    model, _ = build_from_run(cfg.run_dir)
+    image = build_dataset("folder", colour_data, "val")[0]["image"]
+    whole = predict_probs(model, image, replace(cfg.eval, mode="whole"))
+    one_window = predict_probs(model, image, replace(cfg.eval, mode="slide", crop=64, stride=32))
+    torch.testing.assert_close(whole, one_window)  # a window covering the image is the whole image
+    slid = predict_probs(model, image, replace(cfg.eval, mode="slide", crop=32, stride=16))
+    aug = predict_probs(model, image, replace(cfg.eval, short_side=48, scales=(0.5, 1.0, 1.5), flip=True))
+    for probs in (slid, aug):
+        assert probs.shape == (3, 48, 48)
+        torch.testing.assert_close(probs.sum(0), torch.ones(48, 48))

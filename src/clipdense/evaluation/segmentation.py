@@ -10,6 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from clipdense.evaluation.metrics import SegmentationMetric, SegmentationReport
+from clipdense.models.dense_clip_features import pad_to_multiple
 from clipdense.predictor import window_starts
 from clipdense.training.config import EvalConfig
 
@@ -21,10 +22,14 @@ def normalize(image: torch.Tensor, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_
     return (image.float() / 255 - mean) / std
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """B x 3 x h x w -> B x K x h x w logits at the input resolution."""
-    out = model(x)["logits"]
-    return F.interpolate(out.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
+def _logits(model: nn.Module, x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+    """B x 3 x h x w -> B x K x h x w logits at the input resolution (input zero-padded to the
+    backbone's output stride, logits cropped back)."""
+    h, w = x.shape[-2:]
+    padded = pad_to_multiple(x, multiple)
+    out = model(padded)["logits"]
+    out = F.interpolate(out.float(), size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    return out[..., :h, :w]
 
 
 def infer_logits(model: nn.Module, x: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:

@@ -536,4 +536,7 @@ def build_from_run(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     finally:
         loading_logger.setLevel(level)
     load_weights(model, folder / "model.safetensors")
-    return model.to(device).eval(), cfg
+    model = model.to(device).eval()
+    if getattr(model, "text_encoder", None) is not None and model.prompting != "pre":
+        model.cache_text_embeddings()  # fixed after training: inference runs no text encoder
+    return model, cfg
