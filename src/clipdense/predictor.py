@@ -38,7 +38,7 @@ def read_image(image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> t
         ValueError: The file is not an image, or the array/tensor has the wrong shape or dtype.
     """
     if isinstance(image, (str, Path)):
-        return read_image_rgb(image)
+        return read_image_rgb(image, apply_exif_orientation=True)  # user photos: as the viewer shows them
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):

@@ -8,6 +8,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_segmentation_masks
 
+MIN_SIDE = 320  # pictures of smaller images are enlarged (nearest) to at least this long side
+
 
 def palette(num_classes: int) -> list[tuple[int, int, int]]:
     """Distinct RGB colours (golden-ratio hue steps), the same for the same class index."""
@@ -36,22 +38,33 @@ def overlay(
         legend: Add a legend panel to the right of the image.
 
     Returns:
-        The picture as a PIL image (H x (W + legend width)).
+        The picture as a PIL image (H x (W + legend width)); images under 320 pixels are enlarged by an
+        integer factor first. A class named "background" is left unpainted.
     """
     num = len(class_names)
     colours = palette(num)
     present = [c for c in labels.unique().tolist() if 0 <= c < num]
-    masks = torch.stack([labels == c for c in present]) if present else torch.zeros(0, *labels.shape, dtype=bool)
-    drawn = draw_segmentation_masks(image, masks, alpha=alpha, colors=[colours[c] for c in present])
+    # "background" stays unpainted (grey in the legend), so the objects stand out
+    background = {c for c in present if class_names[c].split(",")[0].strip().lower() == "background"}
+    for c in background:
+        colours[c] = (128, 128, 128)
+    painted = [c for c in present if c not in background]
+    counts = torch.bincount(labels.flatten(), minlength=num)
+    total = labels.numel()
+    factor = max(1, -(-MIN_SIDE // max(labels.shape)))  # small images are enlarged for viewing
+    if factor > 1:
+        image = image.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+        labels = labels.repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+    masks = torch.stack([labels == c for c in painted]) if painted else torch.zeros(0, *labels.shape, dtype=bool)
+    drawn = draw_segmentation_masks(image, masks, alpha=alpha, colors=[colours[c] for c in painted])
     picture = Image.fromarray(drawn.permute(1, 2, 0).numpy())
     if not legend:
         return picture
     h, w = labels.shape
     font_size = max(11, min(18, h // 24))
     font = ImageFont.load_default(size=font_size)
-    counts = torch.bincount(labels.flatten(), minlength=num)
     rows = sorted(present, key=lambda c: -int(counts[c]))
-    entries = [(c, f"{class_names[c]}  {100.0 * counts[c].item() / labels.numel():.1f}%") for c in rows]
+    entries = [(c, f"{class_names[c]}  {100.0 * counts[c].item() / total:.1f}%") for c in rows]
     line = font_size + 6
     text_w = max((font.getlength(t) for _, t in entries), default=0)
     panel_w = int(text_w) + font_size + 24

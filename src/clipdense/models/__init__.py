@@ -9,6 +9,7 @@ from clipdense.models.dense_clip_features import (
     DenseViTCLIP,
     dense_clip_encoder,
 )
+from clipdense.models.ppl import AttributePromptEncoder, PPLSegmentor, ProbabilisticDecoder
 from clipdense.models.registry import count_flops, count_parameters, create_model, list_models, register_model
 from clipdense.models.segmentors import CLIPFPNSegmentor, DenseCLIPSegmentor
 from clipdense.models.text import ContextDecoder, ContextTextEncoder, FrozenCLIPTextEncoder, PreModelPrompter
@@ -32,6 +33,9 @@ __all__ = [
     "PreModelPrompter",
     "TimmBackbone",
     "UperNetHead",
+    "AttributePromptEncoder",
+    "PPLSegmentor",
+    "ProbabilisticDecoder",
     "count_flops",
     "count_parameters",
     "create_model",

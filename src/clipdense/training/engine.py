@@ -334,6 +334,7 @@ def train(
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = not progress  # with a progress bar the details go to train.log only
         logger.info(
             "%s: global batch %d (%d x %d processes) on %s, from step %d",
             cfg.name,
@@ -454,6 +455,7 @@ def train(
             if isinstance(h, logging.FileHandler):
                 logger.removeHandler(h)
                 h.close()
+        logger.propagate = True
     if skipped_total and main_process:
         print(f"skipped {skipped_total} bad samples in total (see train.log)")
     if main_process and cfg.train.eval_every:
