@@ -53,7 +53,7 @@ def step_time(name: str, args, device: torch.device) -> tuple[float, float | Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["clip_fpn_rn50", "denseclip_fpn_rn50"])
+    parser.add_argument("--models", nargs="+", default=["clip_fpn_rn50", "denseclip_fpn_rn50", "ppl_fpn_rn50"])
     parser.add_argument("--clip-model", default="RN50")
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)

@@ -110,7 +110,7 @@ def _save_png(array: np.ndarray) -> Callable[[Path], None]:
 def cmd_segment(args: argparse.Namespace) -> None:
     from clipdense.data.classnames import parse_class_list, read_class_file
     from clipdense.predictor import read_image
-    from clipdense.visualize import overlay
+    from clipdense.visualize import heatmap, overlay
 
     if args.checkpoint is not None:
         if args.classes is not None or args.classes_file is not None:
@@ -128,10 +128,12 @@ def cmd_segment(args: argparse.Namespace) -> None:
         predictor = _build_predictor(args)
         names = predictor.set_classes(classes)
     out_dir = Path(args.out)
+    if args.uncertainty and args.checkpoint is None:
+        raise CLIError("--uncertainty needs a trained PPL model: add --checkpoint RUN_DIR")
     for path in tqdm(images, desc="segment", unit="img", disable=len(images) < 2):
         image = read_image(path)
         predictor.set_image(image)
-        seg = predictor.predict()
+        seg = predictor.predict(uncertainty=True) if args.uncertainty else predictor.predict()
         labels = seg.labels.numpy().astype(np.uint8 if len(names) <= 256 else np.uint16)
         picture = overlay(image, seg.labels, names)
         report = {
@@ -141,13 +143,21 @@ def cmd_segment(args: argparse.Namespace) -> None:
             "areas": seg.areas(),
             "settings": predictor.describe(),
         }
+        if seg.uncertainty is not None:
+            report["uncertainty"] = {
+                "image": float(seg.class_sigma.log().mean().exp()),  # geometric mean of the class sigmas
+                "class_sigma": dict(zip(names, seg.class_sigma.tolist(), strict=True)),
+                "pixel_mean_entropy": float(seg.uncertainty.mean()),
+            }
+            heat = heatmap(seg.uncertainty, vmax=float(np.log(len(names))))
+            atomic_write(out_dir / f"{path.stem}_uncertainty.png", lambda tmp, im=heat: im.save(tmp, format="PNG"))
         atomic_write(out_dir / f"{path.stem}_overlay.png", lambda tmp, im=picture: im.save(tmp, format="PNG"))
         atomic_write(out_dir / f"{path.stem}_labels.png", _save_png(labels))
         atomic_write(out_dir / f"{path.stem}.json", lambda tmp, r=report: tmp.write_text(json.dumps(r, indent=2)))
         if len(images) == 1:
             present = {n: a["fraction"] for n, a in report["areas"].items() if a["pixels"]}
             print(f"{path}: " + ", ".join(f"{n} {100 * f:.1f}%" for n, f in present.items()))
-    print(f"wrote {3 * len(images)} files to {out_dir}")
+    print(f"wrote {(4 if args.uncertainty else 3) * len(images)} files to {out_dir}")
 
 
 def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
@@ -339,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-file", help="text file, one class per line (comma-separated synonyms)")
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--checkpoint", default=None, help="a `clipdense train` run directory (trained model)")
+    p.add_argument("--uncertainty", action="store_true", help="PPL checkpoints: also write <name>_uncertainty.png")
     _add_model_args(p)
     p.set_defaults(func=cmd_segment)
 

@@ -98,11 +98,16 @@ class Segmentation:
         labels: H x W int64 class indices into ``class_names``.
         probs: C x H x W class probabilities (softmax of ``logit_scale`` x scores).
         class_names: C display names.
+        uncertainty: H x W per-pixel predictive entropy across Monte-Carlo samples (PPL models only).
+        class_sigma: C text-side standard deviations (PPL models only); their geometric mean is the
+            image-level uncertainty of the PPL paper (Sec. 5.4).
     """
 
     labels: torch.Tensor
     probs: torch.Tensor
     class_names: list[str]
+    uncertainty: torch.Tensor | None = None
+    class_sigma: torch.Tensor | None = None
 
     def areas(self) -> dict[str, dict[str, float]]:
         """Pixel count and fraction of the image for every class."""
@@ -323,13 +328,24 @@ class TrainedPredictor:
             )
         return self.class_names
 
-    def predict(self) -> Segmentation:
-        from clipdense.evaluation.segmentation import predict_probs
+    def predict(self, uncertainty: bool = False) -> Segmentation:
+        """Segment the current image.
+
+        Args:
+            uncertainty: Also compute PPL's per-pixel and per-class uncertainty (one extra pass).
+        """
+        from clipdense.evaluation.segmentation import predict_probs, predict_uncertainty
 
         if self._image is None:
             raise RuntimeError("call set_image() before predict()")
         probs = predict_probs(self.model, self._image, self.config)
-        return Segmentation(probs.argmax(0).cpu(), probs.cpu(), self.class_names)
+        seg = Segmentation(probs.argmax(0).cpu(), probs.cpu(), self.class_names)
+        if uncertainty:
+            extra = predict_uncertainty(self.model, self._image, self.config)
+            if extra is None:
+                raise ValueError("this model has no uncertainty outputs: --uncertainty needs a PPL checkpoint")
+            seg.uncertainty, seg.class_sigma = extra["pixel"].cpu(), extra["sigma"].cpu()
+        return seg
 
     def describe(self) -> dict:
         return {"model": type(self.model).__name__, **asdict(self.config)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import colorsys
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torchvision.utils import draw_segmentation_masks
 
 MIN_SIDE = 320  # pictures of smaller images are enlarged (nearest) to at least this long side
@@ -76,3 +76,16 @@ def overlay(
         draw.rectangle([w + 8, y, w + 8 + font_size, y + font_size], fill=colours[c], outline=(0, 0, 0))
         draw.text((w + 14 + font_size, y - 1), text, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def heatmap(values: torch.Tensor, vmax: float | None = None) -> Image.Image:
+    """An H x W map (e.g. per-pixel uncertainty) as a colour picture (black - red - yellow).
+
+    Args:
+        values: H x W non-negative values.
+        vmax: Value shown brightest (default: the map's maximum).
+    """
+    vmax = float(values.max()) if vmax is None else vmax
+    scaled = (values.float() / max(vmax, 1e-12)).clamp(0, 1).mul(255).round().to(torch.uint8)
+    gray = Image.fromarray(scaled.numpy(), mode="L")
+    return ImageOps.colorize(gray, black="#000004", mid="#bc3754", white="#fcffa4")

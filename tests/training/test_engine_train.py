@@ -238,3 +238,34 @@ def test_eval_multiscale_flip_and_sliding_window(trained_run, colour_data):
     for probs in (slid, aug):
         assert probs.shape == (3, 48, 48)
         torch.testing.assert_close(probs.sum(0), torch.ones(48, 48))
+
+
+def test_tiny_ppl_learns_and_reports_uncertainty(colour_data, tmp_path, tiny_configs, capsys):
+    from dataclasses import replace
+
+    from clipdense.evaluation.segmentation import predict_probs
+    from clipdense.models.registry import create_model
+    from clipdense.training.engine import build_from_run
+
+    cfg = load_config(None, tiny_overrides(colour_data, tmp_path / "ppl", model="ppl_fpn_rn50", iters=30))
+    result = train(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "ppl" / "metrics.jsonl").read_text().splitlines()]
+    assert {"decode", "prob", "div", "kl"} <= set(records[0])
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"] and result["finished"]
+    torch.manual_seed(cfg.train.seed)
+    untrained = create_model("ppl_fpn_rn50", class_names=cfg.model.class_names, pretrained=None, clip_model="tiny-RN")
+    model, _ = build_from_run(cfg.run_dir)
+    assert _miou(model, colour_data) > _miou(untrained.eval(), colour_data) + 10
+    image = build_dataset("folder", colour_data, "val")[0]["image"]
+    for mc in (True, False):
+        model.mc_inference = mc
+        probs = predict_probs(model, image, replace(cfg.eval, mode="whole"))
+        torch.testing.assert_close(probs.sum(0), torch.ones(48, 48))
+    model.mc_inference = True
+    out = tmp_path / "seg"
+    args = ["segment", str(colour_data / "images" / "010.png"), "--checkpoint", str(cfg.run_dir), "--out", str(out)]
+    assert main([*args, "--uncertainty"]) == 0
+    assert Image.open(out / "010_uncertainty.png").size == (48, 48)
+    report = json.loads((out / "010.json").read_text())["uncertainty"]
+    assert report["image"] > 0 and set(report["class_sigma"]) == {"red thing", "green thing", "blue thing"}
+    assert main(["segment", str(colour_data / "images" / "010.png"), "--checkpoint", str(tmp_path / "nope")]) == 1

@@ -90,6 +90,34 @@ def predict_probs(model: nn.Module, image: torch.Tensor, cfg: EvalConfig) -> tor
     return probs / (len(cfg.scales) * (2 if cfg.flip else 1))
 
 
+@torch.inference_mode()
+def predict_uncertainty(model: nn.Module, image: torch.Tensor, cfg: EvalConfig) -> dict[str, torch.Tensor] | None:
+    """PPL's uncertainty outputs for one image (None for models without them).
+
+    Args:
+        model: Segmentation model in eval mode.
+        image: 3 x H x W uint8 image.
+        cfg: Evaluation settings (``short_side`` is used; one whole-image pass).
+
+    Returns:
+        ``pixel``: H x W predictive entropy across the Monte-Carlo samples (nats);
+        ``sigma``: K text-side standard deviations (geometric mean over attributes and dimensions).
+    """
+    h, w = image.shape[-2:]
+    x = normalize(image)
+    if cfg.short_side is not None:
+        x = TF.resize(x, [cfg.short_side], antialias=True)
+    padded = pad_to_multiple(x[None], 32)
+    out = model(padded)
+    if "uncertainty" not in out:
+        return None
+    grid = out["uncertainty"][:, None].float()
+    grid = F.interpolate(grid, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    grid = grid[..., : x.shape[-2], : x.shape[-1]]
+    pixel = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    return {"pixel": pixel, "sigma": out["sigma"][0].float()}
+
+
 def evaluate(
     model: nn.Module, dataset, cfg: EvalConfig, device: torch.device | str = "cpu", progress: bool = True
 ) -> SegmentationReport:

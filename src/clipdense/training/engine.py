@@ -539,6 +539,6 @@ def build_from_run(run_dir: str | Path, device: str | torch.device = "cpu") -> t
         loading_logger.setLevel(level)
     load_weights(model, folder / "model.safetensors")
     model = model.to(device).eval()
-    if getattr(model, "text_encoder", None) is not None and model.prompting != "pre":
+    if getattr(model, "text_encoder", None) is not None and getattr(model, "prompting", None) != "pre":
         model.cache_text_embeddings()  # fixed after training: inference runs no text encoder
     return model, cfg
