@@ -242,12 +242,19 @@ def cmd_flops(args: argparse.Namespace) -> None:
     loading_logger = logging.getLogger("clipdense.clip.loading")
     loading_logger.setLevel(logging.ERROR)  # weights do not change the counts: build with random ones
     model = create_model(cfg.model.name, class_names=names, pretrained=None, **cfg.model.overrides).eval()
-    flops = count_flops(model, (args.size, args.size))
+    size = (args.size, args.size)
     print(f"{cfg.model.name} ({len(names)} classes), input {args.size}x{args.size}, GFLOPs as multiply-adds")
-    for text, key in ((False, "gflops"), (True, "gflops_with_text_encoder")):
-        which = "included" if text else "excluded (as the paper counts)"
-        params = count_parameters(model, include_text_encoder=text) / 1e6
-        print(f"  text encoder {which:<31} Params {params:7.1f}M   GFLOPs {flops[key]:8.1f}")
+    variants = [("", model)]
+    if getattr(model, "mc_inference", None) is not None:  # PPL: Monte-Carlo inference and its mean-only mode
+        variants = [(f"Monte-Carlo, N={model.n_samples}: ", model), ("mean-only: ", model)]
+    for label, m in variants:
+        if label.startswith("mean-only"):
+            m.mc_inference = False
+        flops = count_flops(m, size)
+        for text, key in ((False, "gflops"), (True, "gflops_with_text_encoder")):
+            which = "included" if text else "excluded (as the paper counts)"
+            params = count_parameters(m, include_text_encoder=text) / 1e6
+            print(f"  {label}text encoder {which:<31} Params {params:7.1f}M   GFLOPs {flops[key]:8.1f}")
 
 
 def cmd_check_dataset(args: argparse.Namespace) -> int:
