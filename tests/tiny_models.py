@@ -1,9 +1,11 @@
-"""Tiny CLIP architectures for fast CPU tests, and an OpenAI-style TorchScript holder."""
+"""Tiny CLIP architectures, an OpenAI-style TorchScript holder and a tiny learnable dataset, for fast CPU tests."""
 
 import json
 
+import numpy as np
 import open_clip
 import torch
+from PIL import Image
 
 TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 TINY_CONFIGS = {
@@ -44,3 +46,27 @@ class StateHolder(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 70, 220]], np.uint8)
+
+
+def write_colour_dataset(root, n=12, size=48, seed=0):
+    """A `folder`-layout dataset where each pixel's class is its colour (plus noise): learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("red thing\ngreen thing\nblue thing\n")
+    for i in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        cuts = sorted(rng.integers(4, size - 4, 2))
+        mask[:, cuts[0] :] = 1
+        mask[:, cuts[1] :] = 2
+        if i % 2:
+            mask = mask.T.copy()
+        image = COLOURS[mask].astype(np.int16) + rng.integers(-25, 25, (size, size, 3))
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
+    (root / "train.txt").write_text("".join(f"{i:03d}\n" for i in range(n - 4)))
+    (root / "val.txt").write_text("".join(f"{i:03d}\n" for i in range(n - 4, n)))
+    return root

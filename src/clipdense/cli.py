@@ -113,13 +113,14 @@ def cmd_segment(args: argparse.Namespace) -> None:
     from clipdense.visualize import heatmap, overlay
 
     if args.checkpoint is not None:
-        if args.classes is not None or args.classes_file is not None:
-            raise CLIError("--checkpoint models segment into the classes they were trained on: drop --classes")
         images = _check_images(args.images)
         from clipdense.predictor import TrainedPredictor
 
         predictor = TrainedPredictor.from_run(args.checkpoint, args.device)
         names = predictor.class_names
+        if args.classes is not None or args.classes_file is not None:  # open-vocabulary models (MaskCLIP+)
+            classes = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
+            names = predictor.set_classes(classes)
     else:
         if (args.classes is None) == (args.classes_file is None):
             raise CLIError("give the classes either with --classes 'cat, grass, sky' or with --classes-file FILE")
@@ -268,6 +269,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     eval_cfg = replace(cfg.eval, **overrides)
     report = evaluate(model, dataset, eval_cfg, args.device)
     print(report.format_table())
+    split = None
+    if getattr(model, "unseen", None):  # zero-shot protocol: seen / unseen / harmonic mean
+        from clipdense.evaluation.zeroshot_split import seen_unseen_report
+
+        split = seen_unseen_report(report, model.unseen)
+        print("  ".join(f"{k}: {v:.2f}" for k, v in split.items()))
     out = Path(args.out or Path(args.checkpoint) / f"eval_{dataset.name}_{args.split or cfg.data.val_split}.json")
     payload = {
         "checkpoint": str(args.checkpoint),
@@ -275,6 +282,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "settings": vars(eval_cfg),
         **report.to_dict(),
     }
+    if split is not None:
+        payload["zero_shot"] = split
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=list)))
     print(f"saved {out}")
 

@@ -298,13 +298,14 @@ class TrainedPredictor:
         config: Inference settings (``clipdense.training.config.EvalConfig``).
     """
 
-    def __init__(self, model: torch.nn.Module, class_names: Sequence[str], config=None) -> None:
+    def __init__(self, model: torch.nn.Module, class_names: Sequence[str], config=None, clip_source=None) -> None:
         from clipdense.training.config import EvalConfig
 
         self.model = model.eval()
         self.class_names = list(class_names)
         self.config = config or EvalConfig()
         self.device = next(model.parameters()).device
+        self.clip_source = clip_source  # (CLIP name, pretrained) to embed new class names (open-vocabulary models)
         self._image: torch.Tensor | None = None
 
     @classmethod
@@ -315,17 +316,29 @@ class TrainedPredictor:
         from clipdense.training.engine import build_from_run
 
         model, cfg = build_from_run(run_dir, device)
-        return cls(model, cfg.model.class_names, replace(cfg.eval, **eval_overrides))
+        clip_source = (cfg.model.overrides.get("clip_model", "RN50"), cfg.model.pretrained)
+        return cls(model, cfg.model.class_names, replace(cfg.eval, **eval_overrides), clip_source)
 
     def set_image(self, image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> None:
         self._image = read_image(image).to(self.device)
 
     def set_classes(self, classes: Sequence[str]) -> list[str]:
-        if [c.lower() for c in classes] != [c.lower() for c in self.class_names]:
+        """Change the vocabulary: open-vocabulary models (MaskCLIP+) take any class names, embedded with
+        the CLIP text encoder they were trained with; closed-set models accept only their own classes."""
+        if [c.lower() for c in classes] == [c.lower() for c in self.class_names]:
+            return self.class_names
+        if not hasattr(self.model, "set_classes") or self.clip_source is None:
             raise ValueError(
                 f"this model was trained on {len(self.class_names)} fixed classes ({', '.join(self.class_names[:5])}, "
                 "...); it cannot take a new vocabulary"
             )
+        from clipdense.clip.loading import load_clip
+        from clipdense.data.classnames import display_name
+        from clipdense.models.registry import class_text_embeddings
+
+        clip = load_clip(*self.clip_source, device=self.device)
+        self.model.set_classes([display_name(c) for c in classes], class_text_embeddings(clip, classes).to(self.device))
+        self.class_names = list(self.model.class_names)
         return self.class_names
 
     def predict(self, uncertainty: bool = False) -> Segmentation:

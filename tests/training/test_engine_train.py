@@ -17,29 +17,7 @@ from clipdense.data.datasets import build_dataset
 from clipdense.evaluation.segmentation import evaluate
 from clipdense.training.config import load_config
 from clipdense.training.engine import latest_checkpoint, train
-
-COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 70, 220]], np.uint8)
-
-
-def write_colour_dataset(root, n=12, size=48, seed=0):
-    """A `folder`-layout dataset where each pixel's class is its colour (plus noise): learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.txt").write_text("red thing\ngreen thing\nblue thing\n")
-    for i in range(n):
-        mask = np.zeros((size, size), np.uint8)
-        cuts = sorted(rng.integers(4, size - 4, 2))
-        mask[:, cuts[0] :] = 1
-        mask[:, cuts[1] :] = 2
-        if i % 2:
-            mask = mask.T.copy()
-        image = COLOURS[mask].astype(np.int16) + rng.integers(-25, 25, (size, size, 3))
-        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / f"{i:03d}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
-    (root / "train.txt").write_text("".join(f"{i:03d}\n" for i in range(n - 4)))
-    (root / "val.txt").write_text("".join(f"{i:03d}\n" for i in range(n - 4, n)))
-    return root
+from tiny_models import write_colour_dataset
 
 
 def tiny_overrides(root, run_dir, model="denseclip_fpn_rn50", iters=30, **extra):
@@ -211,7 +189,8 @@ def test_cli_eval_segment_flops_check(trained_run, colour_data, tmp_path, capsys
         "green thing",
         "blue thing",
     ]
-    capsys.readouterr()
+    closed = ["segment", str(image), "--checkpoint", str(cfg.run_dir), "--classes", "dog", "--out", str(tmp_path / "x")]
+    assert main(closed) == 1 and "fixed classes" in capsys.readouterr().err  # DenseCLIP is closed-set
     assert main(["check-dataset", "--dataset", "folder", "--root", str(colour_data)]) == 0
     assert "red thing" in capsys.readouterr().out
     config = tmp_path / "tiny.yaml"

@@ -42,3 +42,14 @@ __all__ = [
     "list_models",
     "register_model",
 ]
+
+from clipdense.models.maskclip_plus import (  # noqa: E402
+    ASPPv2,
+    DeepLabV3PlusHead,
+    DilatedResNetTrunk,
+    MaskCLIPGuide,
+    MaskCLIPPlus,
+    pseudo_labels,
+)
+
+__all__ += ["ASPPv2", "DeepLabV3PlusHead", "DilatedResNetTrunk", "MaskCLIPGuide", "MaskCLIPPlus", "pseudo_labels"]

@@ -1,0 +1,301 @@
+"""MaskCLIP+ (Zhou et al., ECCV 2022): pseudo-labels, frozen text classifier and guide, self-training switch,
+seen/unseen metrics, shipped splits, and a tiny zero-shot run through the training engine."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipdense.data.classnames import load_classnames
+from clipdense.data.splits import class_indices, load_unseen_split
+from clipdense.evaluation.metrics import SegmentationMetric
+from clipdense.evaluation.zeroshot_split import seen_unseen_report
+from clipdense.models.maskclip_plus import GUIDE_SCALE, build_trunk, pseudo_labels
+from clipdense.models.registry import create_model, list_models, load_trunk_checkpoint
+from tiny_models import write_colour_dataset
+
+CLASSES = ["red thing", "green thing", "blue thing", "yellow thing"]
+
+
+def tiny(name="maskclip_plus_deeplabv2_r101", **kw):
+    torch.manual_seed(0)
+    opts = dict(clip_model="tiny-RN", trunk="tiny", unseen_classes=["blue thing", "yellow thing"], head_channels=16)
+    return create_model(name, class_names=CLASSES, pretrained=None, **{**opts, **kw})
+
+
+def test_registered():
+    assert {"maskclip_plus_deeplabv2_r101", "maskclip_plus_deeplabv3plus_r101"} <= set(list_models("maskclip_plus_*"))
+
+
+def _scores_and_labels(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, 4, 8, 8, generator=g) * 0.05
+    labels = torch.randint(0, 4, (2, 8, 8), generator=g)
+    labels[:, 0] = 255
+    return scores, labels
+
+
+def test_zeroshot_pseudo_labels():
+    scores, labels = _scores_and_labels()
+    target = pseudo_labels(scores, labels, {2, 3}, "zeroshot")
+    unseen_pix = (labels == 2) | (labels == 3)
+    expected = torch.tensor([2, 3])[scores[:, [2, 3]].argmax(1)]
+    assert torch.equal(target[unseen_pix], expected[unseen_pix])
+    seen_pix = labels < 2
+    assert torch.equal(target[seen_pix], labels[seen_pix])
+    assert (target[labels == 255] == 255).all()
+    assert set(target[unseen_pix].unique().tolist()) <= {2, 3}
+
+
+def test_pseudo_labels_upsample_scores_to_labels():
+    scores, labels = _scores_and_labels()
+    low = scores[:, :, ::2, ::2].contiguous()
+    up = F.interpolate(low, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.equal(pseudo_labels(low, labels, [2, 3]), pseudo_labels(up, labels, [2, 3]))
+
+
+def test_confidence_threshold():
+    scores, labels = _scores_and_labels()
+    thr = 0.6
+    target = pseudo_labels(scores, labels, {2, 3}, "zeroshot", confidence_threshold=thr)
+    conf = F.softmax(GUIDE_SCALE * scores[:, [2, 3]], dim=1).amax(1)
+    unseen_pix = (labels == 2) | (labels == 3)
+    low, high = unseen_pix & (conf < thr), unseen_pix & (conf >= thr)
+    assert low.any() and high.any()
+    assert (target[low] == 255).all() and (target[high] != 255).all()
+    assert torch.equal(target[labels < 2], labels[labels < 2])  # GT is never thresholded
+
+
+def test_annotation_free_pseudo_labels():
+    scores, labels = _scores_and_labels()
+    target = pseudo_labels(scores, labels, set(), "annotation_free")
+    valid = labels != 255
+    assert torch.equal(target[valid], scores.argmax(1)[valid])
+    assert (target[~valid] == 255).all()
+    assert torch.equal(pseudo_labels(scores, None, (), "annotation_free"), scores.argmax(1))
+
+
+def test_classifier_is_frozen_text_embeddings_and_set_classes_swaps():
+    from clipdense.clip.loading import load_clip
+    from clipdense.models.registry import class_text_embeddings
+
+    model = tiny()
+    torch.manual_seed(0)  # the same random tiny CLIP as tiny() built
+    text = class_text_embeddings(load_clip("tiny-RN", None), CLASSES)
+    assert torch.allclose(model.text_embeddings, text)
+    assert "text_embeddings" in model.state_dict()  # a rebuilt run gets its classifier back
+    assert all(p.data_ptr() != model.text_embeddings.data_ptr() for p in model.parameters())
+    before = model.text_embeddings.clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    for _ in range(2):
+        loss = sum(model.losses(model(x), y).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(model.text_embeddings, before)
+
+    model.eval()
+    feats = F.normalize(model.features(x), dim=1)
+    new = F.normalize(torch.randn(3, text.shape[1]), dim=-1)
+    model.set_classes(["a", "b", "c"], new * 3)
+    logits = model(x)["logits"]
+    assert logits.shape[1] == 3 and model.num_classes == 3 and model.class_names == ["a", "b", "c"]
+    expected = torch.einsum("bdhw,cd->bchw", feats, new) / 0.07
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_guide_frozen_and_eval_in_train_mode():
+    model = tiny()
+    model.train()
+    assert model.training and model.backbone.training
+    assert not any(m.training for m in model.guide.modules())
+    assert not any(p.requires_grad for p in model.guide.parameters())
+    snapshot = {k: v.clone() for k, v in model.guide.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    loss = sum(model.losses(model(x), y).values())
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(v, model.guide.state_dict()[k]) for k, v in snapshot.items())  # BN stats too
+    assert all(p.grad is None for p in model.guide.parameters())
+
+
+def test_self_training_switches_at_configured_step():
+    model = tiny(total_iters=20, self_train_from=0.15)  # switch at forward 3
+    assert model.self_train_step == 3
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    unseen_pix = y >= 2
+    for step in range(5):
+        out = model(x)
+        assert int(out["step"]) == step
+        targets = model.make_targets(out, y)
+        if step < 3:
+            assert "guide_scores" in out
+            expected = pseudo_labels(out["guide_scores"], y, [2, 3])
+        else:
+            assert "guide_scores" not in out  # the guide is not run any more
+            expected = pseudo_labels(out["logits"].detach(), y, [2, 3], scale=1.0)
+        assert torch.equal(targets, expected)
+        assert torch.equal(targets[~unseen_pix], y[~unseen_pix])
+    assert int(model.step) == 5
+    model.eval()
+    model(x)
+    assert int(model.step) == 5  # only training forwards count
+    resumed = tiny(total_iters=20, self_train_from=0.15)
+    resumed.load_state_dict(model.state_dict())
+    assert int(resumed.step) == 5  # resume restores the schedule position
+
+
+def test_annotation_free_has_no_self_training():
+    model = tiny(protocol="annotation_free", unseen_classes=None, total_iters=2)
+    assert model.self_train_step is None
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    y[:, :4] = 255
+    for _ in range(3):
+        out = model(x)
+        targets = model.make_targets(out, y)
+        assert torch.equal(targets, pseudo_labels(out["guide_scores"], y, (), "annotation_free"))
+        assert (targets[:, :4] == 255).all()
+
+
+def test_output_strides_and_deeplabv3plus():
+    x = torch.randn(2, 3, 64, 48)
+    assert tiny().eval()(x)["logits"].shape == (2, 4, 8, 6)
+    model = tiny("maskclip_plus_deeplabv3plus_r101")
+    out = model(x)
+    assert out["logits"].shape == (2, 4, 16, 12)
+    assert torch.isfinite(model.losses(out, torch.randint(0, 4, (2, 64, 48)))["decode"])
+
+
+def test_trunk_checkpoint_roundtrip(tmp_path):
+    src = build_trunk("tiny")
+    state = {k.replace("stem.0.", "conv1.").replace("stem.1.", "bn1."): v for k, v in src.state_dict().items()}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "r.pth")
+    dst = build_trunk("tiny")
+    load_trunk_checkpoint(dst, tmp_path / "r.pth")
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_trunk_checkpoint(build_trunk("tiny"), tmp_path / "bad.pth")
+
+
+def test_hiou_is_harmonic_mean():
+    ious = [80.0, 60.0, 30.0, float("nan"), 50.0]
+    rep = seen_unseen_report(ious, [2, 4])
+    assert rep["miou_seen"] == pytest.approx(70.0) and rep["miou_unseen"] == pytest.approx(40.0)
+    assert rep["hiou"] == pytest.approx(2 * 70 * 40 / 110)
+    assert rep["miou"] == pytest.approx(55.0)
+    metric = SegmentationMetric(3)
+    metric.update(torch.tensor([[0, 1, 2, 2]]), torch.tensor([[0, 1, 1, 2]]))
+    report = metric.compute()
+    from_report = seen_unseen_report(report, [2])
+    assert from_report["hiou"] == pytest.approx(seen_unseen_report(report.per_class_iou, [2])["hiou"])
+    assert seen_unseen_report([0.0, 50.0], [1])["hiou"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "split, classes, n", [("voc", "voc20", 5), ("context", "context59", 10), ("cocostuff", "cocostuff171", 15)]
+)
+def test_shipped_unseen_splits(split, classes, n):
+    names = load_unseen_split(split)
+    assert len(names) == n
+    assert len(class_indices(names, load_classnames(classes))) == n
+    with pytest.raises(ValueError):
+        load_unseen_split("ade")
+
+
+def test_unknown_unseen_class_is_an_error():
+    with pytest.raises(ValueError, match="not in the class list"):
+        tiny(unseen_classes=["purple thing"])
+
+
+# ------------------------------------------------------------------------- end to end through the engine
+
+
+def test_tiny_zero_shot_run_through_engine(tmp_path):
+    from clipdense.data.datasets import build_dataset
+    from clipdense.evaluation.segmentation import evaluate
+    from clipdense.training.config import EvalConfig, load_config
+    from clipdense.training.engine import build_from_run, train
+
+    root = write_colour_dataset(tmp_path / "data")
+    iters = 30
+    overrides = {
+        "clip_model": "tiny-RN",
+        "trunk": "tiny",
+        "unseen_classes": ["blue thing"],
+        "total_iters": iters,
+        "self_train_from": 0.5,
+    }
+    base = {
+        "name": "tiny_maskclip_plus",
+        "run_dir": str(tmp_path / "run"),
+        "model.name": "maskclip_plus_deeplabv2_r101",
+        "model.pretrained": "null",
+        "model.overrides": json.dumps(overrides),
+        "data.dataset": "folder",
+        "data.root": str(root),
+        "data.crop_size": 32,
+        "data.scale": "[64, 48]",
+        "data.workers": 0,
+        "optim.lr": 1e-3,
+        "optim.backbone_lr_mult": 1.0,
+        "optim.warmup_iters": 5,
+        "train.iters": iters,
+        "train.batch_size": 4,
+        "train.precision": "fp32",
+        "train.log_every": 5,
+        "train.ckpt_every": 1000,
+        "train.eval_every": 0,
+        "train.device": "cpu",
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
+    result = train(cfg, progress=False)
+    losses = result["losses"]
+    assert result["finished"] and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+    model, _ = build_from_run(cfg.run_dir)
+    assert int(model.step) == iters and model.unseen == [2]
+    report = evaluate(
+        model, build_dataset("folder", root, "val"), EvalConfig(mode="whole", short_side=None), "cpu", progress=False
+    )
+    split = seen_unseen_report(report, model.unseen)
+    print("tiny MaskCLIP+ zero-shot:", {k: round(v, 2) for k, v in split.items()})
+    assert split["miou"] == pytest.approx(report.miou, nan_ok=True)
+
+    # the command line: seen / unseen / hIoU saved by `eval`, and a new vocabulary at inference
+    from clipdense.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(cfg.run_dir), "--mode", "whole", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["zero_shot"]) == {"miou_seen", "miou_unseen", "miou", "hiou"}
+    image = root / "images" / "010.png"
+    seg = tmp_path / "seg"
+    classes = "red thing; green thing; blue thing; purple thing"
+    assert main(["segment", str(image), "--checkpoint", str(cfg.run_dir), "--classes", classes, "--out", str(seg)]) == 0
+    report = json.loads((seg / "010.json").read_text())
+    assert report["classes"] == ["red thing", "green thing", "blue thing", "purple thing"]
+    assert np.array(Image.open(seg / "010_labels.png")).max() < 4
+
+
+def test_shipped_configs_are_consistent():
+    from pathlib import Path
+
+    from clipdense.data.datasets import DATASETS
+    from clipdense.training.config import load_config
+
+    paths = sorted((Path(__file__).parents[2] / "configs" / "maskclip_plus").glob("maskclip_plus_*.yaml"))
+    assert len(paths) == 6
+    for path in paths:
+        cfg = load_config(path)
+        over = cfg.model.overrides
+        assert over["total_iters"] == cfg.train.iters and cfg.optim.backbone_lr_mult == 1.0
+        if over["protocol"] == "zeroshot":
+            names = load_classnames(DATASETS[cfg.data.dataset].class_list)
+            assert class_indices(load_unseen_split(over["unseen_classes"]), names)
