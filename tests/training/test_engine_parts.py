@@ -96,3 +96,14 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_0000003"
     with pytest.raises(ValueError, match="does not fit"):
         load_weights(nn.Linear(4, 2), folder / "model.safetensors")
+
+
+def test_optimiser_choice():
+    from clipdense.training.engine import build_optimizer
+
+    model = nn.Linear(2, 2)
+    assert isinstance(build_optimizer(model, OptimConfig(name="sgd", lr=0.01)), torch.optim.SGD)
+    assert build_optimizer(model, OptimConfig(name="sgd", momentum=0.5)).param_groups[0]["momentum"] == 0.5
+    assert isinstance(build_optimizer(model, OptimConfig()), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="unknown optimiser"):
+        build_optimizer(model, OptimConfig(name="lamb"))

@@ -680,6 +680,12 @@ def build_maskclip_plus(
     body = build_trunk(trunk)
     if trunk_checkpoint is not None:
         load_trunk_checkpoint(body, trunk_checkpoint)
+    elif trunk != "tiny":
+        logger.warning(
+            "MaskCLIP+ target trunk %s starts from random weights: pass trunk_checkpoint=PATH (a torchvision "
+            "ImageNet state dict) to start from ImageNet weights as the paper does",
+            trunk,
+        )
     low_ch, high_ch = body.out_channels
     d = text.shape[1]
     decoder = ASPPv2(high_ch, d) if head == "deeplabv2" else DeepLabV3PlusHead(low_ch, high_ch, d, head_channels)

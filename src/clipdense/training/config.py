@@ -61,8 +61,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with parameter groups and a poly schedule with linear warmup (DenseCLIP's recipe)."""
+    """Optimiser with parameter groups and a poly schedule with linear warmup (default: DenseCLIP's AdamW
+    recipe; MaskCLIP+ uses SGD with momentum 0.9)."""
 
+    name: str = "adamw"
+    momentum: float = 0.9
     lr: float = 1e-4
     weight_decay: float = 1e-4
     backbone_lr_mult: float = 0.1

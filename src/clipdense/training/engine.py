@@ -122,6 +122,16 @@ def param_groups(model: nn.Module, cfg) -> list[dict[str, Any]]:
     return [{"params": ps, "lr": cfg.lr * m, "weight_decay": wd, "lr_mult": m} for (m, wd), ps in groups.items()]
 
 
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW (``name: adamw``) or SGD with momentum (``name: sgd``) over :func:`param_groups`."""
+    groups = param_groups(model, cfg)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimiser optim.name={cfg.name!r}; use 'adamw' or 'sgd'")
+
+
 def poly_warmup_factor(step: int, cfg, total: int, base_lr: float) -> float:
     """mmseg's poly schedule with ``min_lr`` and linear warmup, as a factor of ``base_lr``."""
     coeff = (1 - min(step, total) / total) ** cfg.power
@@ -289,7 +299,7 @@ def train(
     elif world > 1 and cfg.train.sync_bn and main_process:
         logger.warning("SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on %s", device)
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         [
