@@ -112,6 +112,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
     from clipdense.predictor import read_image
     from clipdense.visualize import heatmap, overlay
 
+    if args.uncertainty and args.checkpoint is None:
+        raise CLIError("--uncertainty needs a trained PPL model: add --checkpoint RUN_DIR")
     if args.checkpoint is not None:
         images = _check_images(args.images)
         from clipdense.predictor import TrainedPredictor
@@ -129,8 +131,6 @@ def cmd_segment(args: argparse.Namespace) -> None:
         predictor = _build_predictor(args)
         names = predictor.set_classes(classes)
     out_dir = Path(args.out)
-    if args.uncertainty and args.checkpoint is None:
-        raise CLIError("--uncertainty needs a trained PPL model: add --checkpoint RUN_DIR")
     for path in tqdm(images, desc="segment", unit="img", disable=len(images) < 2):
         image = read_image(path)
         predictor.set_image(image)
