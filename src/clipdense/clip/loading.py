@@ -22,6 +22,8 @@ import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from clipdense.checkpoints import state_dict_mismatch
+
 logger = logging.getLogger(__name__)
 
 # Keys that OpenAI's TorchScript archives carry besides the weights.
@@ -135,19 +137,16 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
     if getattr(model, "logit_bias", None) is None:
         state.pop("logit_bias", None)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    missing, unexpected, mismatched = state_dict_mismatch(model, state)
     if missing or mismatched:
         detail = []
         if missing:
             detail.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
         if mismatched:
-            k = sorted(mismatched)[0]
+            k = mismatched[0]
             detail.append(
                 f"{len(mismatched)} shape mismatches (e.g. {k}: checkpoint {tuple(state[k].shape)} "
-                f"vs model {tuple(own[k].shape)})"
+                f"vs model {tuple(model.state_dict()[k].shape)})"
             )
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
@@ -157,7 +156,8 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source
         )
     if unexpected:
         logger.warning("ignoring %d unexpected keys in %s: %s", len(unexpected), source, unexpected[:5])
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    unexpected_keys = set(unexpected)
+    model.load_state_dict({k: v for k, v in state.items() if k not in unexpected_keys}, strict=True)
 
 
 @contextmanager

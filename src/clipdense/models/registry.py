@@ -612,9 +612,9 @@ def load_trunk_checkpoint(trunk: nn.Module, path: str | os.PathLike) -> None:
         k = k.replace("conv1.", "stem.0.", 1) if k.startswith("conv1.") else k
         k = k.replace("bn1.", "stem.1.", 1) if k.startswith("bn1.") else k
         renamed[k] = v
-    own = trunk.state_dict()
-    missing, unexpected = sorted(set(own) - set(renamed)), sorted(set(renamed) - set(own))
-    mismatched = sorted(k for k in set(own) & set(renamed) if own[k].shape != renamed[k].shape)
+    from clipdense.checkpoints import state_dict_mismatch
+
+    missing, unexpected, mismatched = state_dict_mismatch(trunk, renamed)
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{path} does not fit the trunk: missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches "

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from clipdense.checkpoints import state_dict_mismatch
 from clipdense.training.config import ExperimentConfig, save_config
 
 logger = logging.getLogger("clipdense.train")
@@ -183,9 +184,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a safetensors state dict strictly (a run's weights must fit its own architecture)."""
     state = load_file(str(path))
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, unexpected, mismatched = state_dict_mismatch(model, state)
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
