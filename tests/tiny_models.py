@@ -70,3 +70,31 @@ def write_colour_dataset(root, n=12, size=48, seed=0):
     (root / "train.txt").write_text("".join(f"{i:03d}\n" for i in range(n - 4)))
     (root / "val.txt").write_text("".join(f"{i:03d}\n" for i in range(n - 4, n)))
     return root
+
+
+def tiny_overrides(root, run_dir, model="denseclip_fpn_rn50", iters=30, **extra):
+    base = {
+        "name": "tiny",
+        "run_dir": str(run_dir),
+        "model.name": model,
+        "model.pretrained": "null",
+        "model.overrides": json.dumps({"clip_model": "tiny-RN", **extra.pop("model_overrides", {})}),
+        "data.dataset": "folder",
+        "data.root": str(root),
+        "data.crop_size": 32,
+        "data.scale": "[64, 48]",
+        "data.workers": 0,
+        "optim.lr": 1e-3,
+        "optim.warmup_iters": 5,
+        "train.iters": iters,
+        "train.batch_size": 4,
+        "train.precision": "fp32",
+        "train.log_every": 5,
+        "train.ckpt_every": 1000,
+        "train.eval_every": 0,
+        "train.device": "cpu",
+        "eval.mode": "whole",
+        "eval.short_side": "null",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in base.items()]

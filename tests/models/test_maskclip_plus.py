@@ -16,7 +16,7 @@ from clipdense.evaluation.metrics import SegmentationMetric
 from clipdense.evaluation.zeroshot_split import seen_unseen_report
 from clipdense.models.maskclip_plus import GUIDE_SCALE, build_trunk, pseudo_labels
 from clipdense.models.registry import create_model, list_models, load_trunk_checkpoint
-from tiny_models import write_colour_dataset
+from tiny_models import tiny_overrides, write_colour_dataset
 
 CLASSES = ["red thing", "green thing", "blue thing", "yellow thing"]
 
@@ -226,35 +226,22 @@ def test_tiny_zero_shot_run_through_engine(tmp_path):
     root = write_colour_dataset(tmp_path / "data")
     iters = 30
     overrides = {
-        "clip_model": "tiny-RN",
         "trunk": "tiny",
         "unseen_classes": ["blue thing"],
         "total_iters": iters,
         "self_train_from": 0.5,
     }
-    base = {
-        "name": "tiny_maskclip_plus",
-        "run_dir": str(tmp_path / "run"),
-        "model.name": "maskclip_plus_deeplabv2_r101",
-        "model.pretrained": "null",
-        "model.overrides": json.dumps(overrides),
-        "data.dataset": "folder",
-        "data.root": str(root),
-        "data.crop_size": 32,
-        "data.scale": "[64, 48]",
-        "data.workers": 0,
-        "optim.lr": 1e-3,
-        "optim.backbone_lr_mult": 1.0,
-        "optim.warmup_iters": 5,
-        "train.iters": iters,
-        "train.batch_size": 4,
-        "train.precision": "fp32",
-        "train.log_every": 5,
-        "train.ckpt_every": 1000,
-        "train.eval_every": 0,
-        "train.device": "cpu",
-    }
-    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            root,
+            tmp_path / "run",
+            model="maskclip_plus_deeplabv2_r101",
+            iters=iters,
+            model_overrides=overrides,
+            **{"optim.backbone_lr_mult": 1.0},
+        ),
+    )
     result = train(cfg, progress=False)
     losses = result["losses"]
     assert result["finished"] and all(math.isfinite(v) for v in losses)

@@ -17,35 +17,7 @@ from clipdense.data.datasets import build_dataset
 from clipdense.evaluation.segmentation import evaluate
 from clipdense.training.config import load_config
 from clipdense.training.engine import latest_checkpoint, train
-from tiny_models import write_colour_dataset
-
-
-def tiny_overrides(root, run_dir, model="denseclip_fpn_rn50", iters=30, **extra):
-    base = {
-        "name": "tiny",
-        "run_dir": str(run_dir),
-        "model.name": model,
-        "model.pretrained": "null",
-        "model.overrides": json.dumps({"clip_model": "tiny-RN", **extra.pop("model_overrides", {})}),
-        "data.dataset": "folder",
-        "data.root": str(root),
-        "data.crop_size": 32,
-        "data.scale": "[64, 48]",
-        "data.workers": 0,
-        "optim.lr": 1e-3,
-        "optim.warmup_iters": 5,
-        "train.iters": iters,
-        "train.batch_size": 4,
-        "train.precision": "fp32",
-        "train.log_every": 5,
-        "train.ckpt_every": 1000,
-        "train.eval_every": 0,
-        "train.device": "cpu",
-        "eval.mode": "whole",
-        "eval.short_side": "null",
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in base.items()]
+from tiny_models import tiny_overrides, write_colour_dataset
 
 
 @pytest.fixture(scope="module")
