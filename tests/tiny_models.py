@@ -98,3 +98,50 @@ def tiny_overrides(root, run_dir, model="denseclip_fpn_rn50", iters=30, **extra)
         **extra,
     }
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def write_shapes_coco(root, num_train=24, num_val=8, seed=0):
+    """A ShapesWorld COCO export with 4 classes (red/blue circle/square), 1-2 large objects on 64 px scenes."""
+    from clipdense.data.shapesworld import ShapesWorldConfig, export_coco
+
+    cfg = ShapesWorldConfig(
+        image_size=64, colours=("red", "blue"), shapes=("circle", "square"), min_size=0.3, max_size=0.45, max_objects=2
+    )
+    return export_coco(root, num_train=num_train, num_val=num_val, seed=seed, cfg=cfg, progress=False)
+
+
+# Small torchvision detector settings for CPU tests: 128 px inputs, few RPN proposals and RoI samples.
+TINY_DETECTOR = {"clip_model": "tiny-RN", "input_resolution": None, "min_size": 128, "max_size": 160}
+TINY_RCNN = {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 64}
+
+
+def detection_overrides(root, run_dir, model="denseclip_retinanet_rn50", iters=24, **extra):
+    model_overrides = {**TINY_DETECTOR, **extra.pop("model_overrides", {})}
+    if "maskrcnn" in model:
+        model_overrides["detector_kwargs"] = TINY_RCNN
+    base = {
+        "name": "tiny_det",
+        "run_dir": str(run_dir),
+        "model.name": model,
+        "model.pretrained": "null",
+        "model.overrides": json.dumps(model_overrides),
+        "data.dataset": "coco",
+        "data.root": str(root),
+        "data.scale": "[160, 128]",
+        "data.with_masks": "maskrcnn" in model,
+        "data.workers": 0,
+        "optim.lr": "1e-3",
+        "optim.schedule": "step",
+        "optim.steps": f"[{int(iters * 0.8)}]",
+        "optim.warmup_iters": 5,
+        "optim.grad_clip": 1.0,
+        "train.iters": iters,
+        "train.batch_size": 4,
+        "train.precision": "fp32",
+        "train.log_every": 4,
+        "train.ckpt_every": 1000,
+        "train.eval_every": 0,
+        "train.device": "cpu",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in base.items()]

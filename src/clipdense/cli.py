@@ -161,6 +161,37 @@ def cmd_segment(args: argparse.Namespace) -> None:
     print(f"wrote {(4 if args.uncertainty else 3) * len(images)} files to {out_dir}")
 
 
+def cmd_detect(args: argparse.Namespace) -> None:
+    from clipdense.predictor import DetectionPredictor, read_image
+    from clipdense.visualize import draw_detections
+
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise CLIError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    images = _check_images(args.images)
+    predictor = DetectionPredictor.from_run(args.checkpoint, args.device)
+    out_dir = Path(args.out)
+    for path in tqdm(images, desc="detect", unit="img", disable=len(images) < 2):
+        image = read_image(path)
+        predictor.set_image(image)
+        found = predictor.predict(score_threshold=args.score_threshold)
+        picture = draw_detections(image, found)
+        report = {
+            "image": str(path),
+            "size": list(image.shape[1:]),
+            "score_threshold": args.score_threshold,
+            "detections": found.to_list(),
+        }
+        atomic_write(out_dir / f"{path.stem}_detections.png", lambda tmp, im=picture: im.save(tmp, format="PNG"))
+        atomic_write(out_dir / f"{path.stem}.json", lambda tmp, r=report: tmp.write_text(json.dumps(r, indent=2)))
+        if len(images) == 1:
+            counts: dict[str, int] = {}
+            for d in report["detections"]:
+                counts[d["class"]] = counts.get(d["class"], 0) + 1
+            listed = ", ".join(f"{n} x{c}" for n, c in counts.items()) or "nothing"
+            print(f"{path}: {listed} (score >= {args.score_threshold})")
+    print(f"wrote {2 * len(images)} files to {out_dir}")
+
+
 def _corruption_from_args(args: argparse.Namespace) -> dict | None:
     """Validates eval-zeroshot's --corruption/--severity and checks the corruption package is installed."""
     if args.corruption is None:
@@ -253,6 +284,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from clipdense.training.engine import build_from_run
 
     model, cfg = build_from_run(args.checkpoint, args.device)
+    if getattr(model, "task", None) == "detection":
+        return _eval_detection(args, model, cfg)
     dataset = build_dataset(
         args.dataset or cfg.data.dataset, args.root or cfg.data.root, args.split or cfg.data.val_split
     )
@@ -288,18 +321,49 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"saved {out}")
 
 
+def _eval_detection(args: argparse.Namespace, model, cfg) -> None:
+    from clipdense.evaluation.detection import evaluate_detection
+    from clipdense.training.engine import build_eval_dataset
+
+    if args.dataset not in (None, "coco"):
+        raise CLIError(f"a detector is evaluated on a COCO-layout dataset (--dataset coco), not {args.dataset}")
+    ignored = [f for f, v in (("--mode", args.mode), ("--scales", args.scales), ("--flip", args.flip),
+                              ("--aug", args.aug)) if v]  # fmt: skip
+    if ignored:
+        raise CLIError(f"{', '.join(ignored)} apply to segmentation; detectors are evaluated at their own scale")
+    split = args.split or cfg.data.val_split
+    dataset = build_eval_dataset(cfg, root=args.root, split=split)
+    if list(dataset.class_names) != list(cfg.model.class_names):
+        raise CLIError(
+            f"the model was trained on {len(cfg.model.class_names)} classes, the dataset has {len(dataset.class_names)}"
+        )
+    run = Path(args.checkpoint)
+    results = run / f"results_coco_{split}.json"
+    report = evaluate_detection(model, dataset, args.device, limit=args.limit, results_path=results)
+    print(report.format())
+    out = Path(args.out or run / f"eval_coco_{split}.json")
+    payload = {"checkpoint": str(run), "dataset": "coco", "root": str(dataset.root), "split": split, **report.to_dict()}
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    print(f"saved {out} (detections in COCO results format: {results})")
+
+
 def cmd_flops(args: argparse.Namespace) -> None:
     from clipdense.models.registry import count_flops, count_parameters, create_model
     from clipdense.training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    num_classes = args.num_classes
+    num_classes = args.num_classes or (80 if cfg.data.dataset == "coco" else 150)
     names = cfg.model.class_names or [f"class {i}" for i in range(num_classes)]
     loading_logger = logging.getLogger("clipdense.clip.loading")
     loading_logger.setLevel(logging.ERROR)  # weights do not change the counts: build with random ones
     model = create_model(cfg.model.name, class_names=names, pretrained=None, **cfg.model.overrides).eval()
-    size = (args.size, args.size)
-    print(f"{cfg.model.name} ({len(names)} classes), input {args.size}x{args.size}, GFLOPs as multiply-adds")
+    detector = getattr(model, "task", None) == "detection"
+    if args.size is not None:
+        size = (args.size, args.size)
+    else:  # detectors: a COCO image resized to 800 x 1333 and padded to a multiple of 32 (mmdet counts 1280 x 800)
+        size = (800, 1344) if detector else (1024, 1024)
+    what = "dense part: backbone, FPN, heads on 1000/100 RoIs" if detector else "GFLOPs as multiply-adds"
+    print(f"{cfg.model.name} ({len(names)} classes), input {size[0]}x{size[1]}, {what}")
     variants = [("", model)]
     if getattr(model, "mc_inference", None) is not None:  # PPL: Monte-Carlo inference and its mean-only mode
         variants = [(f"Monte-Carlo, N={model.n_samples}: ", model), ("mean-only: ", model)]
@@ -313,9 +377,34 @@ def cmd_flops(args: argparse.Namespace) -> None:
             print(f"  {label}text encoder {which:<31} Params {params:7.1f}M   GFLOPs {flops[key]:8.1f}")
 
 
+def _check_detection_dataset(args: argparse.Namespace) -> int:
+    from clipdense.data.checks import BAD_SAMPLE_ERRORS
+    from clipdense.data.detection import build_detection_dataset
+
+    dataset = build_detection_dataset(
+        args.root, args.split, with_masks=True, skip_bad_annotations=True, filter_empty=False
+    )
+    print(dataset.describe_problems())
+    bad = []
+    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    for i in tqdm(range(count), desc="check images", unit="img"):
+        try:
+            dataset[i]
+        except BAD_SAMPLE_ERRORS as error:
+            bad.append(f"{dataset.samples[i][0]}: {error}")
+    print(f"{count} images read, {len(bad)} unreadable or not matching their annotation")
+    for line in bad:
+        print(f"  {line}")
+    problems = sum(dataset.annotation_report.get(k, 0) for k in ("unknown_category", "unknown_image", "malformed_box"))
+    return 1 if bad or problems else 0
+
+
 def cmd_check_dataset(args: argparse.Namespace) -> int:
     from clipdense.data.checks import check_dataset
     from clipdense.data.datasets import build_dataset
+
+    if args.dataset == "coco":
+        return _check_detection_dataset(args)
 
     dataset = build_dataset(args.dataset, args.root, args.split)
     report = check_dataset(dataset, limit=args.limit)
@@ -416,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_segment)
 
+    p = sub.add_parser("detect", help="detect objects with a trained detector: boxes (and masks) with class names")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", required=True, help="a `clipdense train` detection run directory")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="keep detections scoring at least this")
+    p.add_argument("--out", default="outputs", help="output folder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_detect)
+
     from clipdense.data.datasets import list_datasets
 
     p = sub.add_parser("eval-zeroshot", help="training-free evaluation on a segmentation dataset")
@@ -446,13 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_robustness)
 
-    p = sub.add_parser("train", help="train a segmentation model from a YAML config")
+    p = sub.add_parser("train", help="train a segmentation model or detector from a YAML config")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.iters=1000")
     p.add_argument("--resume", action="store_true", help="continue the run directory's latest checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a trained run (whole / sliding window, multi-scale + flip)")
+    p = sub.add_parser("eval", help="evaluate a trained run (mIoU; detectors: COCO box/mask AP)")
     p.add_argument("checkpoint", help="run directory written by `clipdense train`")
     p.add_argument("--dataset", default=None, help="default: the training config's dataset")
     p.add_argument("--root", default=None)
@@ -469,12 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flops", help="Params and GFLOPs of a config's model, counted as the paper does")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--num-classes", type=int, default=150, help="when the config names no classes")
+    p.add_argument("--size", type=int, default=None, help="square input side (default 1024; detectors 800x1344)")
+    p.add_argument("--num-classes", type=int, default=None, help="when the config names no classes (150; COCO 80)")
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("check-dataset", help="label histogram and problems (unreadable, wrong size, bad labels)")
-    p.add_argument("--dataset", required=True, choices=list_datasets())
+    p.add_argument("--dataset", required=True, choices=[*list_datasets(), "coco"], help="coco: instances JSON layout")
     p.add_argument("--root", required=True)
     p.add_argument("--split", default="train")
     p.add_argument("--limit", type=int, default=None)

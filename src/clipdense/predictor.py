@@ -362,3 +362,88 @@ class TrainedPredictor:
 
     def describe(self) -> dict:
         return {"model": type(self.model).__name__, **asdict(self.config)}
+
+
+@dataclass
+class Detections:
+    """Objects found in one image.
+
+    Attributes:
+        boxes: M x 4 float XYXY boxes in image pixels.
+        scores: M confidences.
+        labels: M class indices.
+        class_names: K class names (``labels`` index into them).
+        masks: M x H x W bool instance masks (Mask R-CNN), else None.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    masks: torch.Tensor | None = None
+
+    def to_list(self) -> list[dict]:
+        """One JSON-ready dict per object: class, score, box [x0, y0, x1, y1] and mask area in pixels."""
+        out = []
+        for i in range(len(self.scores)):
+            entry = {
+                "class": self.class_names[int(self.labels[i])],
+                "score": round(float(self.scores[i]), 4),
+                "box": [round(float(v), 1) for v in self.boxes[i]],
+            }
+            if self.masks is not None:
+                entry["mask_pixels"] = int(self.masks[i].sum())
+            out.append(entry)
+        return out
+
+
+class DetectionPredictor:
+    """Inference with a trained detector (DenseCLIP / PPL / CLIP RetinaNet or Mask R-CNN).
+
+    Same pattern as :class:`OpenVocabPredictor`: ``set_image`` once, ``predict``.
+
+    Args:
+        model: A :class:`~clipdense.models.detectors.CLIPDetector` (eval mode is set here).
+        class_names: K class names.
+    """
+
+    def __init__(self, model: torch.nn.Module, class_names: Sequence[str]) -> None:
+        self.model = model.eval()
+        self.class_names = list(class_names)
+        self.device = next(model.parameters()).device
+        self._image: torch.Tensor | None = None
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> DetectionPredictor:
+        """Load the latest checkpoint of a ``clipdense train`` detection run directory."""
+        from clipdense.training.engine import build_from_run
+
+        model, cfg = build_from_run(run_dir, device)
+        if getattr(model, "task", None) != "detection":
+            raise ValueError(f"{run_dir} holds a {type(model).__name__}, not a detector: use `clipdense segment`")
+        return cls(model, cfg.model.class_names)
+
+    def set_image(self, image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> None:
+        self._image = read_image(image)
+
+    @torch.no_grad()
+    def predict(self, score_threshold: float = 0.3, mask_threshold: float = 0.5) -> Detections:
+        """Detect objects in the current image.
+
+        Args:
+            score_threshold: Keep detections scoring at least this.
+            mask_threshold: Binarise Mask R-CNN's mask probabilities at this value.
+        """
+        if self._image is None:
+            raise RuntimeError("call set_image() before predict()")
+        image = self._image.to(self.device).float() / 255
+        out = self.model([image])[0]
+        keep = out["scores"] >= score_threshold
+        masks = out.get("masks")
+        return Detections(
+            boxes=out["boxes"][keep].cpu(),
+            scores=out["scores"][keep].cpu(),
+            labels=out["labels"][keep].cpu(),
+            class_names=self.class_names,
+            masks=None if masks is None else (masks[keep, 0] >= mask_threshold).cpu(),
+        )

@@ -1,4 +1,4 @@
-"""Pictures of segmentations: a colour overlay with a legend of class names and areas."""
+"""Pictures of predictions: segmentation overlays with a legend of class names and areas, detections."""
 
 from __future__ import annotations
 
@@ -89,3 +89,40 @@ def heatmap(values: torch.Tensor, vmax: float | None = None) -> Image.Image:
     scaled = (values.float() / max(vmax, 1e-12)).clamp(0, 1).mul(255).round().to(torch.uint8)
     gray = Image.fromarray(scaled.numpy(), mode="L")
     return ImageOps.colorize(gray, black="#000004", mid="#bc3754", white="#fcffa4")
+
+
+def draw_detections(image: torch.Tensor, detections, alpha: float = 0.45) -> Image.Image:
+    """Draw boxes with "class score" captions (and instance masks) over the image.
+
+    Args:
+        image: 3 x H x W uint8 RGB image.
+        detections: :class:`clipdense.predictor.Detections` for the image.
+        alpha: Opacity of the instance masks.
+
+    Returns:
+        The picture as a PIL image; images under 320 pixels are enlarged by an integer factor first.
+    """
+    from torchvision.utils import draw_bounding_boxes
+
+    colours = palette(len(detections.class_names))
+    factor = max(1, -(-MIN_SIDE // max(image.shape[1:])))
+    boxes = detections.boxes * factor
+    if factor > 1:
+        image = image.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    per_object = [colours[int(k)] for k in detections.labels]
+    if detections.masks is not None and len(detections.masks):
+        masks = detections.masks.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+        image = draw_segmentation_masks(image, masks, alpha=alpha, colors=per_object)
+    if len(boxes):
+        image = draw_bounding_boxes(image, boxes, colors=per_object, width=2)
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    # captions with PIL's scalable default font (torchvision's need a TrueType file for a readable size)
+    font_size = max(11, min(18, image.shape[1] // 24))
+    font = ImageFont.load_default(size=font_size)
+    draw = ImageDraw.Draw(picture)
+    for box, k, score, colour in zip(boxes.tolist(), detections.labels, detections.scores, per_object, strict=True):
+        text = f"{detections.class_names[int(k)]} {float(score):.2f}"
+        x, y = box[0], max(0.0, box[1] - font_size - 4)
+        draw.rectangle([x, y, x + font.getlength(text) + 6, y + font_size + 4], fill=colour)
+        draw.text((x + 3, y + 1), text, fill=(255, 255, 255), font=font)
+    return picture

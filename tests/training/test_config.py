@@ -45,6 +45,9 @@ def test_types_are_coerced():
     cfg = load_config(None, ["optim.lr=1", "data.scale=[1024, 256]", "optim.grad_clip=null", "eval.scales=[0.5, 1]"])
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.data.scale == (1024, 256) and cfg.eval.scales == (0.5, 1.0)
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads "1e-3" as a string
+    with pytest.raises(ValueError, match="optim.lr: expected a number"):
+        load_config(None, ["optim.lr=fast"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -12,8 +12,8 @@ from clipdense.training.engine import (
     StepSampler,
     latest_checkpoint,
     load_weights,
+    lr_factor,
     param_groups,
-    poly_warmup_factor,
     save_checkpoint,
 )
 
@@ -56,11 +56,23 @@ def test_seeded_samples_do_not_depend_on_order_or_global_rng():
 def test_poly_schedule_with_warmup():
     cfg = OptimConfig(lr=1e-4, warmup_iters=10, warmup_ratio=1e-6, power=0.9, min_lr=1e-6)
     total = 100
-    lr = lambda s: 1e-4 * poly_warmup_factor(s, cfg, total, 1e-4)  # noqa: E731
+    lr = lambda s: 1e-4 * lr_factor(s, cfg, total, 1e-4)  # noqa: E731
     assert lr(0) == pytest.approx(1e-6 * ((1e-4 - 1e-6) + 1e-6), rel=1e-6)
     assert lr(50) == pytest.approx((1e-4 - 1e-6) * 0.5**0.9 + 1e-6)
     assert lr(100) == pytest.approx(1e-6)
     assert all(lr(s) < lr(s + 1) for s in range(9))  # warmup rises
+
+
+def test_step_schedule_with_warmup_as_mmdet():
+    # mmdet 1x: linear warmup 500 iters from 0.001, x0.1 at epochs 8 and 11 (here 10 iterations per epoch)
+    cfg = OptimConfig(lr=2e-4, schedule="step", warmup_iters=5, warmup_ratio=1e-3, step_gamma=0.1)
+    lr = lambda s: 2e-4 * lr_factor(s, cfg, 120, 2e-4, milestones=[80, 110])  # noqa: E731
+    assert lr(0) == pytest.approx(2e-4 * 1e-3)
+    assert lr(5) == lr(79) == pytest.approx(2e-4)
+    assert lr(80) == lr(109) == pytest.approx(2e-5)
+    assert lr(110) == pytest.approx(2e-6)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, OptimConfig(schedule="cosine"), 10, 1.0)
 
 
 def test_param_groups_backbone_multiplier_frozen_and_no_decay():

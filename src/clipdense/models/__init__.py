@@ -53,3 +53,9 @@ from clipdense.models.maskclip_plus import (  # noqa: E402
 )
 
 __all__ += ["ASPPv2", "DeepLabV3PlusHead", "DilatedResNetTrunk", "MaskCLIPGuide", "MaskCLIPPlus", "pseudo_labels"]
+
+from clipdense.models.detectors import CLIPDetector, GuidedFPN  # noqa: E402
+from clipdense.models.guidance import LanguageGuidance  # noqa: E402
+from clipdense.models.ppl import PPLGuidance  # noqa: E402
+
+__all__ += ["CLIPDetector", "GuidedFPN", "LanguageGuidance", "PPLGuidance"]

@@ -278,15 +278,182 @@ class ProbabilisticDecoder(nn.Module):
         return log_var[..., 0] if self.sigma_type == "isotropic" else log_var
 
 
-class PPLSegmentor(nn.Module):
+class PPLGuidance(nn.Module):
+    """PPL's probabilistic language guidance: the text side of every PPL model (segmentor or detector).
+
+    Per image: w = text_encoder() (K x C x D); mu = w (the paper's "mu_c^k = w_c^k"; with
+    ``context_decoder`` given, DenseCLIP's post-model update mu = w + gamma * ContextDecoder(w, v)
+    is applied per image first); log sigma^2 = prob_decoder(mu, [z_bar; z]); N samples from the
+    equal-weight mixture of the K components; score maps s^n = <l2norm(z), l2norm(z_c^n)> and the
+    score map of the mixture mean (mean_k mu_c^k), which the task's neck reads (C extra channels, as
+    in DenseCLIP).
+
+    Attribute contract as DenseCLIP's :class:`~clipdense.models.guidance.LanguageGuidance`:
+    ``backbone``, ``text_encoder`` (frozen ``text_encoder.encoder``, prompts ``text_encoder.contexts``),
+    ``context_decoder`` (None by default), ``gamma`` (with it), ``prob_decoder``, ``class_names``,
+    ``num_classes``; plus ``diversity_bias`` (b of eq. 5).
+
+    Args:
+        backbone: Image backbone returning ``features``, ``global_embed`` (B x D), ``dense_embed``
+            (B x D x h x w).
+        text_encoder: :class:`AttributePromptEncoder` over the C classes.
+        prob_decoder: :class:`ProbabilisticDecoder`.
+        class_names: C class names.
+        context_decoder: Optional DenseCLIP :class:`ContextDecoder` updating mu per image (default None).
+        n_samples: N samples per class (15), a multiple of K.
+        tau: Temperature of the pixel-text losses (0.07).
+        alpha: Weight of L_div (choice: 1.0; the paper does not state it).
+        beta: Weight of L_KL (1e-5).
+        use_div_loss, use_kl_loss: Loss switches (Table 4).
+        normalize_div: l2-normalise rows in L_div (see :func:`diversity_loss`).
+        eval_seed: In eval mode, draw samples from a generator seeded with this value on every call
+            (identical outputs across calls, e.g. sliding windows); None uses torch's global RNG
+            (deterministic given ``torch.manual_seed``).
+        score_concat_index: Pyramid level that gets the score map.
+        gamma_init: Initial gamma when ``context_decoder`` is given.
+        concat_scale: If given, :meth:`forward` returns ``features`` with ``concat_scale * score_map``
+            appended to level ``score_concat_index`` (detectors: 1 / tau); None (segmentor) returns the
+            backbone's maps unchanged, for the segmentor to append per-sample maps itself.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        text_encoder: AttributePromptEncoder,
+        prob_decoder: ProbabilisticDecoder,
+        class_names: Sequence[str],
+        context_decoder: ContextDecoder | None = None,
+        n_samples: int = 15,
+        tau: float = 0.07,
+        alpha: float = 1.0,
+        beta: float = 1e-5,
+        use_div_loss: bool = True,
+        use_kl_loss: bool = True,
+        normalize_div: bool = True,
+        eval_seed: int | None = None,
+        score_concat_index: int = 3,
+        gamma_init: float = 1e-4,
+        concat_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if len(class_names) != text_encoder.num_classes:
+            raise ValueError(f"{len(class_names)} class names but the text encoder has {text_encoder.num_classes}")
+        if n_samples < 1 or n_samples % text_encoder.num_attributes:
+            raise ValueError(
+                f"n_samples={n_samples} must be a positive multiple of K={text_encoder.num_attributes} "
+                "(samples are drawn evenly from the K components)"
+            )
+        self.backbone = backbone
+        self.text_encoder = text_encoder
+        self.context_decoder = context_decoder
+        if context_decoder is not None:
+            self.gamma = nn.Parameter(torch.full((text_encoder.embed_dim,), gamma_init))
+        else:
+            self.register_parameter("gamma", None)
+        self.prob_decoder = prob_decoder
+        self.diversity_bias = nn.Parameter(torch.zeros(text_encoder.num_classes))
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.num_attributes = text_encoder.num_attributes
+        self.n_samples = n_samples
+        self.tau = tau
+        self.alpha = alpha
+        self.beta = beta
+        self.use_div_loss = use_div_loss
+        self.use_kl_loss = use_kl_loss
+        self.normalize_div = normalize_div
+        self.eval_seed = eval_seed
+        self.score_concat_index = score_concat_index
+        self.concat_scale = concat_scale
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.training or self.eval_seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.eval_seed)
+
+    def concat_scores(self, features: list[torch.Tensor], score_map: torch.Tensor) -> list[torch.Tensor]:
+        """The pyramid with ``score_map`` (B x C x h x w) appended to level ``score_concat_index``."""
+        i = self.score_concat_index
+        features = list(features)
+        features[i] = torch.cat([features[i], score_map.to(features[i].dtype)], dim=1)
+        return features
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Args:
+            images: B x 3 x H x W normalised images.
+
+        Returns:
+            ``features``: the backbone's four maps (with ``concat_scale * score_map`` appended when
+            ``concat_scale`` is set); ``score_map``: B x C x h x w
+            cosine map of the mixture means; ``score_maps``: B x N x C x h x w maps of the samples;
+            ``text_embeddings``: B x C x D mixture means; ``attribute_embeddings``: K x C x D w;
+            ``means``: B x K x C x D mu; ``log_var``: B x K x C (isotropic) or B x K x C x D log sigma^2;
+            ``sigma``: B x C geometric mean of sigma over attributes (and dims), the class uncertainty
+            of Sec. 5.4; ``uncertainty``: B x h x w entropy of the mean of the samples'
+            softmax(s^n / tau), in [0, log C].
+        """
+        out = self.backbone(images)
+        z_bar, z = out["global_embed"], out["dense_embed"]
+        b = z.shape[0]
+        visual = torch.cat([z_bar[:, None], z.flatten(2).transpose(1, 2)], dim=1)  # B x (1+hw) x D
+        w = self.text_encoder().to(visual.dtype)  # K x C x D
+        k, c, d = w.shape
+        mu = w[None].expand(b, -1, -1, -1)
+        if self.context_decoder is not None:
+            mu = mu + self.gamma * self.context_decoder(mu.reshape(b, k * c, d), visual).reshape(b, k, c, d)
+        log_var = self.prob_decoder(mu.reshape(b, k * c, d), visual)
+        log_var = log_var.reshape(b, k, c, *log_var.shape[2:])
+        mean = mu.mean(dim=1)  # B x C x D
+        zn = F.normalize(z, dim=1)
+        score_map = torch.einsum("bdhw,bcd->bchw", zn, F.normalize(mean, dim=-1))
+        samples = sample_mixture(mu, log_var.to(mu.dtype), self.n_samples, self._generator(z.device))
+        score_maps = torch.einsum("bdhw,bncd->bnchw", zn, F.normalize(samples, dim=-1))
+        with torch.no_grad():
+            p = (score_maps.float() / self.tau).softmax(dim=2).mean(dim=1)  # B x C x h x w
+            uncertainty = (-torch.special.xlogy(p, p).sum(dim=1)).clamp(0, math.log(c))
+            per_gaussian = log_var.float().mean(dim=3) if log_var.dim() == 4 else log_var.float()  # B x K x C
+            sigma = (0.5 * per_gaussian.mean(dim=1)).exp()
+        features = list(out["features"])
+        if self.concat_scale is not None:
+            features = self.concat_scores(features, score_map * self.concat_scale)
+        return {
+            "features": features,
+            "score_map": score_map,
+            "score_maps": score_maps,
+            "text_embeddings": mean,
+            "attribute_embeddings": w,
+            "means": mu,
+            "log_var": log_var,
+            "sigma": sigma,
+            "uncertainty": uncertainty,
+        }
+
+    def regularisers(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``div`` = alpha * L_div (eq. 5) and ``kl`` = beta * L_KL (eq. 12, mean over images, components
+        and classes); switched-off terms are absent."""
+        losses = {}
+        if self.use_div_loss:
+            w = outputs["attribute_embeddings"].float()
+            losses["div"] = self.alpha * diversity_loss(w, self.diversity_bias, self.normalize_div)
+        if self.use_kl_loss:
+            losses["kl"] = self.beta * gaussian_kl(outputs["means"].float(), outputs["log_var"].float())
+        return losses
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone stages/blocks and the (frozen) text transformer's blocks in the backward pass."""
+        self.backbone.set_grad_checkpointing(enable)
+        self.text_encoder.encoder.transformer.grad_checkpointing = enable
+
+    def cache_text_embeddings(self) -> torch.Tensor:
+        """Cache w (K x C x D): inference then runs no text encoder (the decoders still run per image)."""
+        return self.text_encoder.cache_text_embeddings()
+
+
+class PPLSegmentor(PPLGuidance):
     """PPL semantic segmentor: DenseCLIP's pipeline with probabilistic attribute prompts.
 
-    Per image: w = text_encoder() (K x C x D); mu = w (choice, default: the paper's "mu_c^k = w_c^k";
-    with ``context_decoder`` given, DenseCLIP's post-model update mu = w + gamma * ContextDecoder(w, v)
-    is applied per image first); log sigma^2 = prob_decoder(mu, [z_bar; z]); N samples from the
-    equal-weight mixture of the K components; score maps s^n = <l2norm(z), l2norm(z_c^n)>.
-    The FPN gets the score map of the mixture mean (mean_k mu_c^k), so its input keeps C extra
-    channels as in DenseCLIP, and the decode head is trained with CE on it.
+    :class:`PPLGuidance`, then the neck and decode head on the pyramid with the mixture-mean score map;
+    the decode head is trained with CE on it.
 
     Inference (eval mode): ``mc_inference=True`` (eq. 14) runs neck + head once per sample, with the
     sample's score map in place of the mean map (the backbone, text side and probabilistic decoder
@@ -294,37 +461,19 @@ class PPLSegmentor(nn.Module):
     argmax of ``logits`` are the MC prediction); ``mc_inference=False`` returns the mean-map logits
     (one pass, deterministic). Either way samples also give ``uncertainty``.
 
-    Attribute contract as :class:`DenseCLIPSegmentor`: ``backbone``, ``text_encoder`` (frozen
-    ``text_encoder.encoder``, prompts ``text_encoder.contexts``), ``context_decoder`` (None by default),
-    ``gamma`` (with it), ``prob_decoder``, ``neck``, ``decode_head``, ``class_names``, ``num_classes``;
-    plus ``diversity_bias`` (b of eq. 5).
-
     Args:
-        backbone: Image backbone returning ``features``, ``global_embed`` (B x D), ``dense_embed``
-            (B x D x h x w).
-        text_encoder: :class:`AttributePromptEncoder` over the C classes.
-        prob_decoder: :class:`ProbabilisticDecoder`.
+        backbone, text_encoder, prob_decoder, class_names, context_decoder, n_samples, tau, alpha, beta,
+            use_div_loss, use_kl_loss, normalize_div, eval_seed, score_concat_index, gamma_init: See
+            :class:`PPLGuidance`.
         neck: Maps the four levels (one with C extra channels) to the head's input.
         decode_head: Returns B x C x H/4 x W/4 logits.
-        class_names: C class names.
-        context_decoder: Optional DenseCLIP :class:`ContextDecoder` updating mu per image (default None).
-        n_samples: N samples per class (15), a multiple of K.
-        tau: Temperature of the pixel-text losses (0.07).
-        alpha: Weight of L_div (choice: 1.0; the paper does not state it).
-        beta: Weight of L_KL (1e-5).
         pixel_weight: Weight of L_pixel / L_prob (1.0 as eq. 13; DenseCLIP's auxiliary loss used 0.4).
-        use_pixel_loss, use_prob_loss, use_div_loss, use_kl_loss: Loss switches (Table 4). With
-            ``use_prob_loss`` the pixel term is reported inside ``"prob"`` (eq. 11 contains L_pixel),
-            not as ``"pixel"``; ``use_prob_loss`` needs ``use_pixel_loss``.
-        normalize_div: l2-normalise rows in L_div (see :func:`diversity_loss`).
+        use_pixel_loss, use_prob_loss: Loss switches (Table 4). With ``use_prob_loss`` the pixel term is
+            reported inside ``"prob"`` (eq. 11 contains L_pixel), not as ``"pixel"``; ``use_prob_loss``
+            needs ``use_pixel_loss``.
         mc_inference: Monte-Carlo inference (eq. 14) in eval mode; False: mean-only.
-        eval_seed: In eval mode, draw samples from a generator seeded with this value on every call
-            (identical outputs across calls, e.g. sliding windows); None uses torch's global RNG
-            (deterministic given ``torch.manual_seed``).
-        score_concat_index: Pyramid level that gets the score map.
         ignore_index: Unlabelled pixel value.
         avg_non_ignore: See :func:`segmentation_cross_entropy` (False: average over all pixels).
-        gamma_init: Initial gamma when ``context_decoder`` is given.
     """
 
     def __init__(
@@ -353,56 +502,36 @@ class PPLSegmentor(nn.Module):
         avg_non_ignore: bool = False,
         gamma_init: float = 1e-4,
     ) -> None:
-        super().__init__()
-        if len(class_names) != text_encoder.num_classes:
-            raise ValueError(f"{len(class_names)} class names but the text encoder has {text_encoder.num_classes}")
-        if n_samples < 1 or n_samples % text_encoder.num_attributes:
-            raise ValueError(
-                f"n_samples={n_samples} must be a positive multiple of K={text_encoder.num_attributes} "
-                "(samples are drawn evenly from the K components)"
-            )
         if use_prob_loss and not use_pixel_loss:
             raise ValueError("use_prob_loss weights the pixel loss (eq. 11): it needs use_pixel_loss=True")
-        self.backbone = backbone
-        self.text_encoder = text_encoder
-        self.context_decoder = context_decoder
-        if context_decoder is not None:
-            self.gamma = nn.Parameter(torch.full((text_encoder.embed_dim,), gamma_init))
-        else:
-            self.register_parameter("gamma", None)
-        self.prob_decoder = prob_decoder
-        self.diversity_bias = nn.Parameter(torch.zeros(text_encoder.num_classes))
+        super().__init__(
+            backbone,
+            text_encoder,
+            prob_decoder,
+            class_names,
+            context_decoder=context_decoder,
+            n_samples=n_samples,
+            tau=tau,
+            alpha=alpha,
+            beta=beta,
+            use_div_loss=use_div_loss,
+            use_kl_loss=use_kl_loss,
+            normalize_div=normalize_div,
+            eval_seed=eval_seed,
+            score_concat_index=score_concat_index,
+            gamma_init=gamma_init,
+        )
         self.neck = neck
         self.decode_head = decode_head
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-        self.num_attributes = text_encoder.num_attributes
-        self.n_samples = n_samples
-        self.tau = tau
-        self.alpha = alpha
-        self.beta = beta
         self.pixel_weight = pixel_weight
         self.use_pixel_loss = use_pixel_loss
         self.use_prob_loss = use_prob_loss
-        self.use_div_loss = use_div_loss
-        self.use_kl_loss = use_kl_loss
-        self.normalize_div = normalize_div
         self.mc_inference = mc_inference
-        self.eval_seed = eval_seed
-        self.score_concat_index = score_concat_index
         self.ignore_index = ignore_index
         self.avg_non_ignore = avg_non_ignore
 
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.training or self.eval_seed is None:
-            return None
-        return torch.Generator(device=device).manual_seed(self.eval_seed)
-
     def _decode(self, features: list[torch.Tensor], score_map: torch.Tensor) -> torch.Tensor:
-        i = self.score_concat_index
-        features = list(features)
-        features[i] = torch.cat([features[i], score_map.to(features[i].dtype)], dim=1)
-        return self.decode_head(self.neck(features))
+        return self.decode_head(self.neck(self.concat_scores(features, score_map)))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Args:
@@ -410,52 +539,17 @@ class PPLSegmentor(nn.Module):
 
         Returns:
             ``logits``: B x C x H/4 x W/4 (eval with ``mc_inference``: log of the MC-averaged
-            probabilities); ``score_map``: B x C x h x w cosine map of the mixture means (FPN input);
-            ``score_maps``: B x N x C x h x w maps of the samples; ``text_embeddings``: B x C x D
-            mixture means; ``attribute_embeddings``: K x C x D w; ``means``: B x K x C x D mu;
-            ``log_var``: B x K x C (isotropic) or B x K x C x D log sigma^2; ``sigma``: B x C
-            geometric mean of sigma over attributes (and dims), the class uncertainty of Sec. 5.4;
-            ``uncertainty``: B x h x w entropy of the mean of the samples' softmax(s^n / tau),
-            in [0, log C].
+            probabilities), and the :class:`PPLGuidance` outputs except ``features``.
         """
-        out = self.backbone(images)
-        features = list(out["features"])
-        z_bar, z = out["global_embed"], out["dense_embed"]
-        b = z.shape[0]
-        visual = torch.cat([z_bar[:, None], z.flatten(2).transpose(1, 2)], dim=1)  # B x (1+hw) x D
-        w = self.text_encoder().to(visual.dtype)  # K x C x D
-        k, c, d = w.shape
-        mu = w[None].expand(b, -1, -1, -1)
-        if self.context_decoder is not None:
-            mu = mu + self.gamma * self.context_decoder(mu.reshape(b, k * c, d), visual).reshape(b, k, c, d)
-        log_var = self.prob_decoder(mu.reshape(b, k * c, d), visual)
-        log_var = log_var.reshape(b, k, c, *log_var.shape[2:])
-        mean = mu.mean(dim=1)  # B x C x D
-        zn = F.normalize(z, dim=1)
-        score_map = torch.einsum("bdhw,bcd->bchw", zn, F.normalize(mean, dim=-1))
-        samples = sample_mixture(mu, log_var.to(mu.dtype), self.n_samples, self._generator(z.device))
-        score_maps = torch.einsum("bdhw,bncd->bnchw", zn, F.normalize(samples, dim=-1))
+        out = super().forward(images)
+        features = out.pop("features")
         if not self.training and self.mc_inference:
+            score_maps = out["score_maps"]
             probs = sum(self._decode(features, score_maps[:, n]).float().softmax(dim=1) for n in range(self.n_samples))
             logits = (probs / self.n_samples).clamp_min(1e-12).log()
         else:
-            logits = self._decode(features, score_map)
-        with torch.no_grad():
-            p = (score_maps.float() / self.tau).softmax(dim=2).mean(dim=1)  # B x C x h x w
-            uncertainty = (-torch.special.xlogy(p, p).sum(dim=1)).clamp(0, math.log(c))
-            per_gaussian = log_var.float().mean(dim=3) if log_var.dim() == 4 else log_var.float()  # B x K x C
-            sigma = (0.5 * per_gaussian.mean(dim=1)).exp()
-        return {
-            "logits": logits,
-            "score_map": score_map,
-            "score_maps": score_maps,
-            "text_embeddings": mean,
-            "attribute_embeddings": w,
-            "means": mu,
-            "log_var": log_var,
-            "sigma": sigma,
-            "uncertainty": uncertainty,
-        }
+            logits = self._decode(features, out["score_map"])
+        return {"logits": logits, **out}
 
     def losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training losses (eq. 13); the training engine sums them.
@@ -469,13 +563,12 @@ class PPLSegmentor(nn.Module):
             mean_b [L_pixel,b / g_b + (1/2) log g_b] (eq. 11; g_b = geometric mean of image b's
             sigma^2 over classes, attributes and dims, so (1/2C) sum_c log sigma_c^2 = (1/2) log g_b;
             choice: computed per image, since sigma is per image); otherwise ``pixel`` = pixel_weight
-            * L_pixel (eq. 10). ``div`` = alpha * L_div (eq. 5); ``kl`` = beta * L_KL (eq. 12, mean
-            over images, components and classes). Switched-off terms are absent.
+            * L_pixel (eq. 10). ``div`` and ``kl``: :meth:`PPLGuidance.regularisers`. Switched-off
+            terms are absent.
         """
         losses = {
             "decode": segmentation_cross_entropy(outputs["logits"], labels, self.ignore_index, self.avg_non_ignore)
         }
-        log_var = outputs["log_var"].float()
         if self.use_pixel_loss:
             nll, valid = mc_pixel_nll(outputs["score_maps"], labels, self.tau, self.ignore_index)
             if self.use_prob_loss:
@@ -483,36 +576,37 @@ class PPLSegmentor(nn.Module):
                     l_pixel = nll.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)  # B
                 else:
                     l_pixel = nll.flatten(1).mean(1)
-                log_g = log_var.flatten(1).mean(1)  # B
-                losses["prob"] = self.pixel_weight * (l_pixel * torch.exp(-log_g) + 0.5 * log_g).mean()
+                losses["prob"] = self.pixel_weight * uncertainty_weighted(l_pixel, outputs["log_var"])
             else:
                 denom = valid.sum() if self.avg_non_ignore else nll.numel()
                 losses["pixel"] = self.pixel_weight * nll.sum() / max(int(denom), 1)
-        if self.use_div_loss:
-            w = outputs["attribute_embeddings"].float()
-            losses["div"] = self.alpha * diversity_loss(w, self.diversity_bias, self.normalize_div)
-        if self.use_kl_loss:
-            losses["kl"] = self.beta * gaussian_kl(outputs["means"].float(), log_var)
-        return losses
+        return {**losses, **self.regularisers(outputs)}
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute backbone stages/blocks and the (frozen) text transformer's blocks in the backward pass."""
-        self.backbone.set_grad_checkpointing(enable)
-        self.text_encoder.encoder.transformer.grad_checkpointing = enable
 
-    def cache_text_embeddings(self) -> torch.Tensor:
-        """Cache w (K x C x D): inference then runs no text encoder (the decoders still run per image)."""
-        return self.text_encoder.cache_text_embeddings()
+def uncertainty_weighted(l_pixel: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """Eq. 11 per image, averaged: mean_b [L_pixel,b / g_b + (1/2) log g_b].
+
+    Args:
+        l_pixel: B pixel-text losses, one per image.
+        log_var: B x K x C (or B x K x C x D) log sigma^2; g_b is the geometric mean of image b's sigma^2.
+
+    Returns:
+        Scalar loss.
+    """
+    log_g = log_var.float().flatten(1).mean(1)  # B
+    return (l_pixel * torch.exp(-log_g) + 0.5 * log_g).mean()
 
 
 __all__ = [
     "POSITIVITY",
     "SIGMA_TYPES",
     "AttributePromptEncoder",
+    "PPLGuidance",
     "PPLSegmentor",
     "ProbabilisticDecoder",
     "diversity_loss",
     "gaussian_kl",
     "mc_pixel_nll",
     "sample_mixture",
+    "uncertainty_weighted",
 ]

@@ -385,7 +385,7 @@ def count_flops(model: nn.Module, size: tuple[int, int] = (1024, 1024)) -> dict[
     meta-device copy of the model, so nothing is computed; its count (2 per multiply-add) is halved.
 
     Args:
-        model: A segmentor.
+        model: A segmentor, or a detector (then its ``forward_dummy``: backbone, FPN and heads).
         size: Input (H, W).
 
     Returns:
@@ -398,8 +398,9 @@ def count_flops(model: nn.Module, size: tuple[int, int] = (1024, 1024)) -> dict[
     if text is not None:
         text.clear_text_cache()
     images = torch.empty(1, 3, *size, device="meta")
+    forward = getattr(meta, "forward_dummy", meta)  # detectors: the dense part (NMS etc. need real data)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        meta(images)
+        forward(images)
     total = counter.get_total_flops()
     text_flops = 0
     if text is not None:
@@ -426,6 +427,54 @@ __all__ = [
 # --- PPL (Kwon et al., CVPR 2023): probabilistic attribute prompts on DenseCLIP ---------------------------------
 
 from clipdense.models.ppl import AttributePromptEncoder, PPLSegmentor, ProbabilisticDecoder  # noqa: E402
+
+
+def _ppl_text_side(
+    loaded,
+    class_names: Sequence[str],
+    image_embed_dim: int,
+    *,
+    num_attributes: int,
+    n_ctx: int,
+    class_context_length: int,
+    ctx_init_std: float,
+    sigma_type: str,
+    positivity: str,
+    log_var_init: float,
+    log_var_range: tuple[float, float],
+    prob_decoder_width: int,
+    prob_decoder_heads: int,
+    prob_decoder_layers: int,
+    post_model_context: bool,
+    context_decoder_layers: int,
+    dropout: float,
+) -> tuple[AttributePromptEncoder, ProbabilisticDecoder, ContextDecoder | None]:
+    """PPL's attribute prompts, probabilistic decoder and optional context decoder (see :func:`build_ppl`)."""
+    text_encoder = AttributePromptEncoder(
+        loaded.model,
+        tokenize_class_names(loaded.tokenizer, class_names, class_context_length),
+        num_attributes=num_attributes,
+        n_ctx=n_ctx,
+        ctx_init_std=ctx_init_std,
+    )
+    d = text_encoder.embed_dim
+    if image_embed_dim != d:
+        raise ValueError(f"image embedding width {image_embed_dim} != text embedding width {d}")
+    prob_decoder = ProbabilisticDecoder(
+        d,
+        width=prob_decoder_width,
+        heads=prob_decoder_heads,
+        layers=prob_decoder_layers,
+        dropout=dropout,
+        sigma_type=sigma_type,
+        positivity=positivity,
+        log_var_init=log_var_init,
+        log_var_range=log_var_range,
+    )
+    context_decoder = None
+    if post_model_context:
+        context_decoder = ContextDecoder(d, prob_decoder_width, prob_decoder_heads, context_decoder_layers, dropout)
+    return text_encoder, prob_decoder, context_decoder
 
 
 def build_ppl(
@@ -490,34 +539,28 @@ def build_ppl(
     class_names = _check_classes(class_names, num_classes, need_names=True)
     loaded = _load(clip_model, pretrained)
     k = len(class_names)
-    text_encoder = AttributePromptEncoder(
-        loaded.model,
-        tokenize_class_names(loaded.tokenizer, class_names, class_context_length),
-        num_attributes=num_attributes,
-        n_ctx=n_ctx,
-        ctx_init_std=ctx_init_std,
-    )
-    d = text_encoder.embed_dim
     backbone = _clip_backbone(
         loaded.model.visual, True, input_resolution, drop_path, out_indices, class_embedding_twice, pos_interpolation
     )
-    if backbone.embed_dim != d:
-        raise ValueError(f"image embedding width {backbone.embed_dim} != text embedding width {d}")
-    dec_dropout = dropout if decoder_dropout is None else decoder_dropout
-    prob_decoder = ProbabilisticDecoder(
-        d,
-        width=prob_decoder_width,
-        heads=prob_decoder_heads,
-        layers=prob_decoder_layers,
-        dropout=dec_dropout,
+    text_encoder, prob_decoder, context_decoder = _ppl_text_side(
+        loaded,
+        class_names,
+        backbone.embed_dim,
+        num_attributes=num_attributes,
+        n_ctx=n_ctx,
+        class_context_length=class_context_length,
+        ctx_init_std=ctx_init_std,
         sigma_type=sigma_type,
         positivity=positivity,
         log_var_init=log_var_init,
         log_var_range=log_var_range,
+        prob_decoder_width=prob_decoder_width,
+        prob_decoder_heads=prob_decoder_heads,
+        prob_decoder_layers=prob_decoder_layers,
+        post_model_context=post_model_context,
+        context_decoder_layers=context_decoder_layers,
+        dropout=dropout if decoder_dropout is None else decoder_dropout,
     )
-    context_decoder = None
-    if post_model_context:
-        context_decoder = ContextDecoder(d, prob_decoder_width, prob_decoder_heads, context_decoder_layers, dec_dropout)
     index = dense_level_index(backbone)
     in_channels = list(backbone.out_channels)
     in_channels[index] += k
@@ -722,3 +765,208 @@ def maskclip_plus_deeplabv3plus_r101(**kw) -> MaskCLIPPlus:
 
 
 __all__ += ["build_maskclip_plus", "class_text_embeddings", "load_trunk_checkpoint"]
+
+
+# --- Detection and instance segmentation (DenseCLIP Tables 3-4, PPL Table 3) on torchvision's detectors ----------
+
+from torchvision.models.detection import MaskRCNN, RetinaNet  # noqa: E402
+
+from clipdense.models.detectors import CLIPDetector, GuidedFPN  # noqa: E402
+from clipdense.models.guidance import LanguageGuidance  # noqa: E402
+from clipdense.models.ppl import PPLGuidance  # noqa: E402
+
+DETECTORS: tuple[str, ...] = ("retinanet", "maskrcnn")
+GUIDANCE: tuple[str | None, ...] = ("denseclip", "ppl", None)
+
+
+def build_clip_detector(
+    *,
+    class_names: Sequence[str] | None,
+    num_classes: int | None = None,
+    pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
+    clip_model: str = "RN50",
+    detector: str = "retinanet",
+    guidance: str | None = "denseclip",
+    input_resolution: int | None = 1344,
+    min_size: int = 800,
+    max_size: int = 1333,
+    n_ctx: int = 8,
+    class_context_length: int = 5,
+    ctx_init_std: float | None = None,
+    tau: float = 0.07,
+    aux_weight: float = 1.0,
+    context_decoder_width: int = 256,
+    context_decoder_heads: int = 4,
+    context_decoder_layers: int = 3,
+    dropout: float = 0.1,
+    fpn_channels: int = 256,
+    num_attributes: int = 3,
+    n_samples: int = 15,
+    alpha: float = 1.0,
+    beta: float = 1e-5,
+    use_div_loss: bool = True,
+    use_kl_loss: bool = True,
+    sigma_type: str = "isotropic",
+    positivity: str = "exp",
+    log_var_init: float = -5.0,
+    prob_decoder_layers: int = 5,
+    detector_kwargs: dict | None = None,
+) -> CLIPDetector:
+    """Build a detector on CLIP's ResNet (see :func:`create_model` for the common arguments).
+
+    Args:
+        clip_model: CLIP ResNet (RN50, RN101; the papers detect with ResNets only).
+        detector: ``"retinanet"`` (FPN P3-P7, P6/P7 from C5 as mmdet's ``on_input``) or ``"maskrcnn"``
+            (FPN P2-P6).
+        guidance: ``"denseclip"`` (learned contexts, post-model prompting, s / tau appended to C5, box
+            BCE auxiliary loss), ``"ppl"`` (probabilistic attribute prompts, PPL's losses on box targets)
+            or None (the CLIP baseline: the trunk without its attention pool, no language).
+        input_resolution: Resize the attention pool's positional grid once to this input size / 32 (1344,
+            the authors' detection setting); it is resized to the actual C5 size at run time anyway.
+        min_size, max_size: The torchvision transform's resize (short side 800, long side <= 1333).
+        ctx_init_std: Std of the context init; default 1.0 for DenseCLIP (trunc-normal), 0.02 for PPL.
+        tau, aux_weight: Temperature (0.07) and weight of the auxiliary loss (1.0).
+        num_attributes, n_samples, alpha, beta, use_div_loss, use_kl_loss, sigma_type, positivity,
+            log_var_init, prob_decoder_layers: PPL options (see :func:`build_ppl`).
+        detector_kwargs: Extra arguments of torchvision's ``RetinaNet`` / ``MaskRCNN`` (e.g. score_thresh,
+            anchor sizes via ``anchor_generator``). Mask R-CNN defaults to mmdet's 1000 RPN proposals
+            per image in training (torchvision: 2000).
+    """
+    from clipdense.data.transforms import CLIP_MEAN, CLIP_STD
+
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector '{detector}'; choose one of {DETECTORS}")
+    if guidance not in GUIDANCE:
+        raise ValueError(f"unknown guidance '{guidance}'; choose one of {GUIDANCE}")
+    class_names = _check_classes(class_names, num_classes, need_names=guidance is not None)
+    k = len(class_names) if class_names is not None else num_classes
+    class_names = class_names or [f"class_{i}" for i in range(k)]
+    loaded = _load(clip_model, pretrained)
+    if not hasattr(loaded.model.visual, "attnpool"):
+        raise ValueError(f"detectors are built on CLIP ResNets (RN50, RN101), not {clip_model}")
+    backbone = CLIPResNetBackbone(
+        loaded.model.visual, with_embeddings=guidance is not None, input_resolution=input_resolution
+    )
+    in_channels = list(backbone.out_channels)
+    if guidance is None:
+        body: nn.Module = backbone
+    else:
+        in_channels[3] += k
+        if guidance == "denseclip":
+            text_encoder = ContextTextEncoder(
+                loaded.model,
+                tokenize_class_names(loaded.tokenizer, class_names, class_context_length),
+                n_ctx=n_ctx,
+                ctx_init_std=1.0 if ctx_init_std is None else ctx_init_std,
+            )
+            if backbone.embed_dim != text_encoder.embed_dim:
+                raise ValueError(f"image embedding width {backbone.embed_dim} != text width {text_encoder.embed_dim}")
+            decoder = ContextDecoder(
+                text_encoder.embed_dim, context_decoder_width, context_decoder_heads, context_decoder_layers, dropout
+            )
+            body = LanguageGuidance(backbone, text_encoder, class_names, "post", decoder, concat_scale=1 / tau)
+        else:
+            text_encoder, prob_decoder, _ = _ppl_text_side(
+                loaded,
+                class_names,
+                backbone.embed_dim,
+                num_attributes=num_attributes,
+                n_ctx=n_ctx,
+                class_context_length=class_context_length,
+                ctx_init_std=0.02 if ctx_init_std is None else ctx_init_std,
+                sigma_type=sigma_type,
+                positivity=positivity,
+                log_var_init=log_var_init,
+                log_var_range=(-10.0, 5.0),
+                prob_decoder_width=context_decoder_width,
+                prob_decoder_heads=context_decoder_heads,
+                prob_decoder_layers=prob_decoder_layers,
+                post_model_context=False,
+                context_decoder_layers=context_decoder_layers,
+                dropout=dropout,
+            )
+            body = PPLGuidance(
+                backbone,
+                text_encoder,
+                prob_decoder,
+                class_names,
+                n_samples=n_samples,
+                tau=tau,
+                alpha=alpha,
+                beta=beta,
+                use_div_loss=use_div_loss,
+                use_kl_loss=use_kl_loss,
+                concat_scale=1 / tau,
+            )
+    common = dict(min_size=min_size, max_size=max_size, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    if detector == "retinanet":
+        fpn = GuidedFPN(body, in_channels, levels=(1, 2, 3), extra="p6p7", out_channels=fpn_channels)
+        model = RetinaNet(fpn, num_classes=k, **common, **(detector_kwargs or {}))
+    else:
+        fpn = GuidedFPN(body, in_channels, levels=(0, 1, 2, 3), extra="maxpool", out_channels=fpn_channels)
+        kwargs = {"rpn_post_nms_top_n_train": 1000, **(detector_kwargs or {})}
+        model = MaskRCNN(fpn, num_classes=k + 1, **common, **kwargs)
+    return CLIPDetector(model, class_names, aux_weight=aux_weight, tau=tau)
+
+
+@register_model
+def denseclip_retinanet_rn50(**kw) -> CLIPDetector:
+    """DenseCLIP RetinaNet, CLIP RN50 (COCO: 37.8 AP, DenseCLIP Table 3)."""
+    return build_clip_detector(**_with(dict(clip_model="RN50", detector="retinanet", guidance="denseclip"), kw))
+
+
+@register_model
+def denseclip_retinanet_rn101(**kw) -> CLIPDetector:
+    """DenseCLIP RetinaNet, CLIP RN101 (DenseCLIP Table 3)."""
+    return build_clip_detector(**_with(dict(clip_model="RN101", detector="retinanet", guidance="denseclip"), kw))
+
+
+@register_model
+def clip_retinanet_rn50(**kw) -> CLIPDetector:
+    """CLIP RN50 RetinaNet baseline without language guidance (DenseCLIP Table 3)."""
+    return build_clip_detector(**_with(dict(clip_model="RN50", detector="retinanet", guidance=None), kw))
+
+
+@register_model
+def clip_retinanet_rn101(**kw) -> CLIPDetector:
+    """CLIP RN101 RetinaNet baseline without language guidance (DenseCLIP Table 3)."""
+    return build_clip_detector(**_with(dict(clip_model="RN101", detector="retinanet", guidance=None), kw))
+
+
+@register_model
+def denseclip_maskrcnn_rn50(**kw) -> CLIPDetector:
+    """DenseCLIP Mask R-CNN, CLIP RN50 (COCO: 40.2 box / 37.6 mask AP, DenseCLIP Table 4)."""
+    return build_clip_detector(**_with(dict(clip_model="RN50", detector="maskrcnn", guidance="denseclip"), kw))
+
+
+@register_model
+def denseclip_maskrcnn_rn101(**kw) -> CLIPDetector:
+    """DenseCLIP Mask R-CNN, CLIP RN101 (COCO: 42.6 box / 39.6 mask AP, PPL Table 3)."""
+    return build_clip_detector(**_with(dict(clip_model="RN101", detector="maskrcnn", guidance="denseclip"), kw))
+
+
+@register_model
+def clip_maskrcnn_rn50(**kw) -> CLIPDetector:
+    """CLIP RN50 Mask R-CNN baseline without language guidance (DenseCLIP Table 4)."""
+    return build_clip_detector(**_with(dict(clip_model="RN50", detector="maskrcnn", guidance=None), kw))
+
+
+@register_model
+def clip_maskrcnn_rn101(**kw) -> CLIPDetector:
+    """CLIP RN101 Mask R-CNN baseline without language guidance (DenseCLIP Table 4)."""
+    return build_clip_detector(**_with(dict(clip_model="RN101", detector="maskrcnn", guidance=None), kw))
+
+
+@register_model
+def ppl_maskrcnn_rn50(**kw) -> CLIPDetector:
+    """PPL Mask R-CNN, CLIP RN50 (COCO: 41.0 box / 38.3 mask AP, PPL Table 3)."""
+    return build_clip_detector(**_with(dict(clip_model="RN50", detector="maskrcnn", guidance="ppl"), kw))
+
+
+@register_model
+def ppl_maskrcnn_rn101(**kw) -> CLIPDetector:
+    """PPL Mask R-CNN, CLIP RN101 (COCO: 43.2 box / 40.4 mask AP, PPL Table 3)."""
+    return build_clip_detector(**_with(dict(clip_model="RN101", detector="maskrcnn", guidance="ppl"), kw))
+
+
+__all__ += ["DETECTORS", "GUIDANCE", "build_clip_detector"]

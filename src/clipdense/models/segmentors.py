@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdense.models.text import ContextDecoder, ContextTextEncoder, PreModelPrompter
-
-PROMPTING: tuple[str, ...] = ("post", "pre", "none")
+from clipdense.models.guidance import PROMPTING, LanguageGuidance
+from clipdense.models.text import ContextTextEncoder
 
 
 def segmentation_cross_entropy(
@@ -46,13 +45,11 @@ def segmentation_cross_entropy(
     return loss.sum() / denom.clamp_min(1)
 
 
-class DenseCLIPSegmentor(nn.Module):
+class DenseCLIPSegmentor(LanguageGuidance):
     """DenseCLIP: language-guided semantic segmentation with context-aware prompting.
 
-    Post-model prompting (default): t <- t + gamma * ContextDecoder(t, [z_bar; z]) with gamma a
-    per-channel D vector initialised to 1e-4. Pre-model: a :class:`PreModelPrompter` turns
-    [z_bar; z] into the contexts and the text encoder runs per image. ``"none"``: language prompt
-    only (learned contexts, no vision-to-language context).
+    :class:`LanguageGuidance` (backbone, learned contexts, context-aware prompting, score map s
+    concatenated raw to one pyramid level), then a neck and a decode head.
 
     Args:
         backbone: Image backbone returning ``features`` (four maps), ``global_embed`` (B x D) and
@@ -89,55 +86,21 @@ class DenseCLIPSegmentor(nn.Module):
         avg_non_ignore: bool = False,
         gamma_init: float = 1e-4,
     ) -> None:
-        super().__init__()
-        if prompting not in PROMPTING:
-            raise ValueError(f"unknown prompting '{prompting}'; choose one of {PROMPTING}")
-        expected = {"post": ContextDecoder, "pre": PreModelPrompter, "none": type(None)}[prompting]
-        if not isinstance(context_decoder, expected):
-            raise TypeError(
-                f"prompting='{prompting}' needs context_decoder of type {expected.__name__}, "
-                f"got {type(context_decoder).__name__}"
-            )
-        if len(class_names) != text_encoder.num_classes:
-            raise ValueError(f"{len(class_names)} class names but the text encoder has {text_encoder.num_classes}")
-        if (prompting == "pre") != (text_encoder.contexts is None):
-            raise ValueError("the text encoder must own learned contexts exactly when prompting is not 'pre'")
-        self.backbone = backbone
-        self.text_encoder = text_encoder
-        self.context_decoder = context_decoder
-        if prompting == "post":
-            self.gamma = nn.Parameter(torch.full((text_encoder.embed_dim,), gamma_init))
-        else:
-            self.register_parameter("gamma", None)
+        super().__init__(
+            backbone,
+            text_encoder,
+            class_names,
+            prompting=prompting,
+            context_decoder=context_decoder,
+            score_concat_index=score_concat_index,
+            gamma_init=gamma_init,
+        )
         self.neck = neck
         self.decode_head = decode_head
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-        self.prompting = prompting
         self.tau = tau
         self.aux_weight = aux_weight
-        self.score_concat_index = score_concat_index
         self.ignore_index = ignore_index
         self.avg_non_ignore = avg_non_ignore
-
-    def text_embeddings(self, global_embed: torch.Tensor, dense_embed: torch.Tensor) -> torch.Tensor:
-        """Class embeddings t for each image.
-
-        Args:
-            global_embed: B x D z_bar.
-            dense_embed: B x D x h x w z.
-
-        Returns:
-            B x K x D text embeddings (after context-aware prompting; not normalised).
-        """
-        b = global_embed.shape[0]
-        visual = torch.cat([global_embed[:, None], dense_embed.flatten(2).transpose(1, 2)], dim=1)  # B x (1+hw) x D
-        if self.prompting == "pre":
-            return self.text_encoder(self.context_decoder(visual))
-        t = self.text_encoder().to(visual.dtype).expand(b, -1, -1)
-        if self.prompting == "post":
-            t = t + self.gamma * self.context_decoder(t, visual)
-        return t
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Args:
@@ -147,15 +110,9 @@ class DenseCLIPSegmentor(nn.Module):
             ``logits``: B x K x H/4 x W/4; ``score_map``: B x K x h x w cosine similarities of z and t
             (h = H/32 for ResNets, H/16 for ViT-B/16); ``text_embeddings``: B x K x D.
         """
-        out = self.backbone(images)
-        features = list(out["features"])
-        z_bar, z = out["global_embed"], out["dense_embed"]
-        t = self.text_embeddings(z_bar, z)
-        score_map = torch.einsum("bdhw,bkd->bkhw", F.normalize(z, dim=1), F.normalize(t, dim=2))
-        i = self.score_concat_index
-        features[i] = torch.cat([features[i], score_map.to(features[i].dtype)], dim=1)
-        logits = self.decode_head(self.neck(features))
-        return {"logits": logits, "score_map": score_map, "text_embeddings": t}
+        out = super().forward(images)
+        logits = self.decode_head(self.neck(out["features"]))
+        return {"logits": logits, "score_map": out["score_map"], "text_embeddings": out["text_embeddings"]}
 
     def losses(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training losses.
@@ -177,17 +134,6 @@ class DenseCLIPSegmentor(nn.Module):
             )
             losses["aux_identity"] = self.aux_weight * aux
         return losses
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Trade compute for memory: recompute backbone stages/blocks and the (frozen) text transformer's
-        blocks in the backward pass."""
-        self.backbone.set_grad_checkpointing(enable)
-        self.text_encoder.encoder.transformer.grad_checkpointing = enable
-
-    def cache_text_embeddings(self) -> torch.Tensor:
-        """Cache the K x D class embeddings of the learned contexts (post-model and prompt-only) so that
-        inference runs no text encoder; the context decoder still runs per image."""
-        return self.text_encoder.cache_text_embeddings()
 
 
 class CLIPFPNSegmentor(nn.Module):

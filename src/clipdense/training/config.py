@@ -35,10 +35,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Attributes:
-    dataset: A name from ``clipdense.data.datasets.list_datasets()``.
+    dataset: A name from ``clipdense.data.datasets.list_datasets()`` (segmentation), or ``coco`` for
+        detection / instance segmentation (COCO instances JSON layout, e.g. ShapesWorld's COCO export).
     root: The dataset folder in its standard layout.
-    crop_size: Training crop (square).
-    scale: mmseg-style rescale target (long, short) before the random ratio.
+    crop_size: Training crop (square; segmentation).
+    scale: Segmentation: mmseg-style rescale target (long, short) before the random ratio. Detection:
+        mmdet's keep-ratio resize (long side cap, short side), e.g. (1333, 800).
+    with_masks: Detection: read instance masks (Mask R-CNN).
     ratio_range: Random rescale ratio range.
     cat_max_ratio: Max share of one class in a random crop.
     photometric: Photometric distortion on/off.
@@ -57,14 +60,23 @@ class DataConfig:
     photometric: bool = True
     workers: int = 4
     skip_bad: bool = False
+    with_masks: bool = False
 
 
 @dataclass
 class OptimConfig:
-    """Optimiser with parameter groups and a poly schedule with linear warmup (default: DenseCLIP's AdamW
-    recipe; MaskCLIP+ uses SGD with momentum 0.9)."""
+    """Optimiser with parameter groups and a learning-rate schedule with linear warmup (default: DenseCLIP's
+    AdamW recipe; MaskCLIP+ uses SGD with momentum 0.9).
+
+    Attributes:
+        schedule: ``poly`` (mmseg: power, min_lr) or ``step`` (mmdet: x step_gamma at each of ``steps``).
+        steps: Step-schedule milestones, in epochs when ``train.epochs`` is set, else in iterations.
+    """
 
     name: str = "adamw"
+    schedule: str = "poly"
+    steps: tuple[float, ...] = ()
+    step_gamma: float = 0.1
     momentum: float = 0.9
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -80,6 +92,7 @@ class OptimConfig:
 class TrainConfig:
     """Attributes:
     iters: Total optimiser steps.
+    epochs: If set, train this many epochs instead (iters = epochs x (dataset size // global batch)).
     batch_size: Images per process per step (global batch = batch_size x world size).
     precision: ``fp32``, ``bf16`` or ``fp16`` autocast (fp16 uses a gradient scaler).
     grad_checkpointing: Recompute activations of the image backbone in the backward pass.
@@ -88,6 +101,7 @@ class TrainConfig:
     """
 
     iters: int = 80000
+    epochs: int | None = None
     batch_size: int = 4
     precision: str = "bf16"
     grad_checkpointing: bool = False
@@ -189,7 +203,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, origin):
             raise ValueError(f"{where}: expected a {origin.__name__}, got {value!r}")
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")

@@ -21,7 +21,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +112,19 @@ class SeededSamples(Dataset):
 
 def param_groups(model: nn.Module, cfg) -> list[dict[str, Any]]:
     """AdamW groups: backbone at ``lr * backbone_lr_mult``; no weight decay on the context decoder's
-    norms (and on 1-d parameters of the context decoder); frozen parameters (text encoder) left out."""
+    norms (and on 1-d parameters of the context decoder); frozen parameters (text encoder) left out.
+
+    The image backbone's and context decoder's parameter names start with ``model.backbone_prefix`` /
+    ``model.context_decoder_prefix`` when the model says so (detectors nest them), else ``backbone.`` /
+    ``context_decoder.``."""
+    backbone = getattr(model, "backbone_prefix", "backbone.")
+    context_decoder = getattr(model, "context_decoder_prefix", "context_decoder.")
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        mult = cfg.backbone_lr_mult if name.startswith("backbone.") else 1.0
-        wd = 0.0 if name.startswith("context_decoder.") and p.ndim == 1 else cfg.weight_decay
+        mult = cfg.backbone_lr_mult if name.startswith(backbone) else 1.0
+        wd = 0.0 if name.startswith(context_decoder) and p.ndim == 1 else cfg.weight_decay
         groups.setdefault((mult, wd), []).append(p)
     return [{"params": ps, "lr": cfg.lr * m, "weight_decay": wd, "lr_mult": m} for (m, wd), ps in groups.items()]
 
@@ -133,10 +139,25 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimiser optim.name={cfg.name!r}; use 'adamw' or 'sgd'")
 
 
-def poly_warmup_factor(step: int, cfg, total: int, base_lr: float) -> float:
-    """mmseg's poly schedule with ``min_lr`` and linear warmup, as a factor of ``base_lr``."""
-    coeff = (1 - min(step, total) / total) ** cfg.power
-    lr = (base_lr - cfg.min_lr) * coeff + cfg.min_lr if base_lr > cfg.min_lr else base_lr * coeff
+def lr_factor(step: int, cfg, total: int, base_lr: float, milestones: Sequence[int] = ()) -> float:
+    """The learning rate at ``step`` as a factor of ``base_lr``: mmseg's poly schedule with ``min_lr``
+    (``cfg.schedule == "poly"``) or mmdet's step schedule (x ``step_gamma`` at each milestone), both
+    with linear warmup from ``warmup_ratio``.
+
+    Args:
+        step: Optimiser steps done.
+        cfg: The :class:`~clipdense.training.config.OptimConfig`.
+        total: Total steps.
+        base_lr: The group's base learning rate.
+        milestones: Step-schedule milestones in iterations.
+    """
+    if cfg.schedule == "poly":
+        coeff = (1 - min(step, total) / total) ** cfg.power
+        lr = (base_lr - cfg.min_lr) * coeff + cfg.min_lr if base_lr > cfg.min_lr else base_lr * coeff
+    elif cfg.schedule == "step":
+        lr = base_lr * cfg.step_gamma ** sum(step >= m for m in milestones)
+    else:
+        raise ValueError(f"unknown optim.schedule={cfg.schedule!r}; use 'poly' or 'step'")
     if step < cfg.warmup_iters:
         k = (1 - step / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
         lr *= 1 - k
@@ -240,6 +261,69 @@ def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------- data
+
+DETECTION_DATASET = "coco"
+# Annotation problems that stop training unless data.skip_bad is set (then they are dropped and counted).
+_SKIPPABLE_ANNOTATIONS = ("unknown_category", "unknown_image", "malformed_box", "invalid_segmentation")
+
+
+def is_detection(cfg: ExperimentConfig) -> bool:
+    """Whether the config trains a detector (``data.dataset: coco``, the COCO instances layout)."""
+    return cfg.data.dataset == DETECTION_DATASET
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+def _training_data(cfg: ExperimentConfig, detection: bool):
+    """The training dataset with its augmentation, and the DataLoader's collate function."""
+    if detection:
+        from clipdense.data.detection import build_detection_dataset, build_detection_train_transform, collate_detection
+
+        long_side, short_side = cfg.data.scale
+        transform = build_detection_train_transform(min_size=short_side, max_size=long_side)
+        dataset = build_detection_dataset(
+            cfg.data.root,
+            cfg.data.train_split,
+            with_masks=cfg.data.with_masks,
+            skip_bad_annotations=cfg.data.skip_bad,
+            transform=transform,
+        )
+        return dataset, collate_detection
+    from clipdense.data.checks import collate_skip_none
+    from clipdense.data.datasets import build_dataset
+    from clipdense.data.transforms import build_train_transform
+
+    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split)
+    dataset.transform = build_train_transform(
+        cfg.data.crop_size,
+        scale=cfg.data.scale,
+        ratio_range=cfg.data.ratio_range,
+        cat_max_ratio=cfg.data.cat_max_ratio,
+        photometric=cfg.data.photometric,
+        ignore_index=dataset.ignore_index,
+    )
+    return dataset, collate_skip_none
+
+
+def build_eval_dataset(
+    cfg: ExperimentConfig, root: str | None = None, split: str | None = None, dataset: str | None = None
+):
+    """The validation dataset of a config (segmentation: no transform; detection: every image, original size)."""
+    name, root, split = dataset or cfg.data.dataset, root or cfg.data.root, split or cfg.data.val_split
+    if name == DETECTION_DATASET:
+        from clipdense.data.detection import build_detection_dataset, build_detection_eval_transform
+
+        return build_detection_dataset(
+            root, split, with_masks=cfg.data.with_masks, filter_empty=False, transform=build_detection_eval_transform()
+        )
+    from clipdense.data.datasets import build_dataset
+
+    return build_dataset(name, root, split)
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -258,10 +342,7 @@ def train(
         progress: Show a progress bar (rank 0).
         stop_after: Stop (with a checkpoint, resumable) after this step, as an interruption would.
     """
-    from clipdense.data.checks import SkipBadSamples, collate_skip_none
-    from clipdense.data.datasets import build_dataset
-    from clipdense.data.transforms import build_train_transform
-    from clipdense.evaluation.segmentation import evaluate
+    from clipdense.data.checks import SkipBadSamples
     from clipdense.models.registry import create_model
 
     rank, world, device = _distributed(cfg.train.device)
@@ -276,19 +357,22 @@ def train(
         _check_resume_config(run_dir, cfg)
 
     torch.manual_seed(cfg.train.seed)
-    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split)
-    dataset.transform = build_train_transform(
-        cfg.data.crop_size,
-        scale=cfg.data.scale,
-        ratio_range=cfg.data.ratio_range,
-        cat_max_ratio=cfg.data.cat_max_ratio,
-        photometric=cfg.data.photometric,
-        ignore_index=dataset.ignore_index,
-    )
+    detection = is_detection(cfg)
+    dataset, collate = _training_data(cfg, detection)
     cfg.model.class_names = list(dataset.class_names)
     model = create_model(
         cfg.model.name, class_names=cfg.model.class_names, pretrained=cfg.model.pretrained, **cfg.model.overrides
     ).to(device)
+    if detection != (getattr(model, "task", "segmentation") == "detection"):
+        raise ValueError(
+            f"model {cfg.model.name} and dataset {cfg.data.dataset} do not match: detectors train on "
+            f"data.dataset={DETECTION_DATASET}, segmentors on segmentation datasets"
+        )
+    if detection and model.with_masks and not cfg.data.with_masks:
+        raise ValueError(f"{cfg.model.name} predicts instance masks: set data.with_masks=true")
+    steps_per_epoch = len(dataset) // (cfg.train.batch_size * world)
+    total_iters = cfg.train.epochs * steps_per_epoch if cfg.train.epochs else cfg.train.iters
+    milestones = [round(m * steps_per_epoch) if cfg.train.epochs else int(m) for m in cfg.optim.steps]
     if cfg.train.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"{cfg.model.name} does not support gradient checkpointing")
@@ -302,7 +386,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         [
-            lambda s, base=g["lr"]: poly_warmup_factor(s, cfg.optim, cfg.train.iters, base)
+            lambda s, base=g["lr"]: lr_factor(s, cfg.optim, total_iters, base, milestones)
             for g in optimizer.param_groups
         ],
     )
@@ -332,6 +416,8 @@ def train(
                         "world_size": world,
                         "batch_size_per_process": cfg.train.batch_size,
                         "global_batch_size": global_batch,
+                        "total_iters": total_iters,
+                        "steps_per_epoch": steps_per_epoch,
                         "device": str(device),
                         "start_step": step,
                     },
@@ -354,6 +440,10 @@ def train(
             step,
         )
         print(f"global batch size {global_batch} ({cfg.train.batch_size} per process x {world})")
+        if detection:  # what the annotation checks clipped, dropped or skipped
+            logger.info("%s", dataset.describe_problems())
+            if any(dataset.annotation_report[k] for k in ("clipped", "degenerate", *_SKIPPABLE_ANNOTATIONS)):
+                print(dataset.describe_problems())
 
     samples = SeededSamples(SkipBadSamples(dataset, skip=cfg.data.skip_bad), cfg.train.seed)
     sampler = StepSampler(len(dataset), cfg.train.batch_size, rank, world, cfg.train.seed, start_step=step)
@@ -362,7 +452,7 @@ def train(
         batch_size=cfg.train.batch_size,
         sampler=sampler,
         num_workers=cfg.data.workers,
-        collate_fn=collate_skip_none,
+        collate_fn=collate,
         persistent_workers=cfg.data.workers > 0,
         generator=torch.Generator().manual_seed(cfg.train.seed),  # leaves the global RNG (dropout) alone
     )
@@ -391,21 +481,26 @@ def train(
     model.train()
     if cfg.train.freeze_bn:
         _freeze_bn(model)
-    bar = tqdm(total=cfg.train.iters, initial=step, desc=cfg.name, unit="it", disable=not (progress and main_process))
+    bar = tqdm(total=total_iters, initial=step, desc=cfg.name, unit="it", disable=not (progress and main_process))
     tic = time.perf_counter()
     data_iter = iter(loader)
     try:
-        while step < cfg.train.iters:
+        while step < total_iters:
             batch = next(data_iter)
             skipped_total += _all_reduce_int(batch["skipped"], world)
-            if batch["image"] is None:
+            if batch["images" if detection else "image"] is None:
                 raise ValueError(
                     "a whole batch was skipped as bad samples; check the dataset (clipdense check-dataset)"
                 )
-            images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                outputs = ddp(images)
-                losses = model.losses(outputs, labels)
+                if detection:  # torchvision detectors compute their losses in forward
+                    images = [im.to(device, non_blocking=True) for im in batch["images"]]
+                    targets = [{k: _to(v, device) for k, v in t.items()} for t in batch["targets"]]
+                    losses = ddp(images, targets)
+                else:
+                    images = batch["image"].to(device, non_blocking=True)
+                    labels = batch["label"].to(device, non_blocking=True)
+                    losses = model.losses(ddp(images), labels)
                 loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr or use fp32")
@@ -422,7 +517,7 @@ def train(
             step += 1
             losses_seen.append(loss.item())
             bar.update(1)
-            if main_process and (step % cfg.train.log_every == 0 or step == cfg.train.iters):
+            if main_process and (step % cfg.train.log_every == 0 or step == total_iters):
                 elapsed = time.perf_counter() - tic
                 record = {
                     "step": step,
@@ -435,11 +530,11 @@ def train(
                 tic = time.perf_counter()
                 _log(metrics_path, writer, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters:
+            if step % cfg.train.ckpt_every == 0 or step == total_iters:
                 if main_process:
                     save_checkpoint(run_dir, model, state_dict(), step)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.iters and main_process:
-                _evaluate_during_training(model, cfg, evaluate, device, metrics_path, writer, step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_iters and main_process:
+                _evaluate_during_training(model, cfg, device, metrics_path, writer, step)
             if stop["signal"] is not None or (stop_after is not None and step >= stop_after):
                 raise _Stop()
     except (KeyboardInterrupt, _Stop):
@@ -468,7 +563,7 @@ def train(
     if skipped_total and main_process:
         print(f"skipped {skipped_total} bad samples in total (see train.log)")
     if main_process and cfg.train.eval_every:
-        _evaluate_during_training(model, cfg, evaluate, device, metrics_path, None, step)
+        _evaluate_during_training(model, cfg, device, metrics_path, None, step)
     if world > 1:
         dist.barrier()
     return {"step": step, "finished": True, "losses": losses_seen, "run_dir": str(run_dir), "skipped": skipped_total}
@@ -507,21 +602,27 @@ def _truncate_metrics(path: Path, step: int) -> None:
         _atomic(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
 
 
-def _evaluate_during_training(model, cfg, evaluate, device, metrics_path, writer, step) -> None:
-    from clipdense.data.datasets import build_dataset
-
+def _evaluate_during_training(model, cfg, device, metrics_path, writer, step) -> None:
     try:
-        val = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.val_split)
+        val = build_eval_dataset(cfg)
     except FileNotFoundError as e:
         logger.warning("no validation split, skipping evaluation: %s", e)
         return
-    report = evaluate(model, val, cfg.eval, device, progress=False)
+    if is_detection(cfg):
+        from clipdense.evaluation.detection import evaluate_detection
+
+        report = evaluate_detection(model, val, device, progress=False, limit=cfg.eval.limit)
+        record = {"step": step, **{f"val_bbox_{k}": v for k, v in report.bbox.items()}}
+        record.update({f"val_segm_{k}": v for k, v in (report.segm or {}).items()})
+    else:
+        from clipdense.evaluation.segmentation import evaluate
+
+        report = evaluate(model, val, cfg.eval, device, progress=False)
+        record = {"step": step, "val_miou": report.miou, "val_macc": report.macc, "val_aacc": report.aacc}
     model.train()
     if cfg.train.freeze_bn:
         _freeze_bn(model)
-    _log(
-        metrics_path, writer, {"step": step, "val_miou": report.miou, "val_macc": report.macc, "val_aacc": report.aacc}
-    )
+    _log(metrics_path, writer, record)
 
 
 def build_from_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
