@@ -316,6 +316,8 @@ class TrainedPredictor:
         from clipdense.training.engine import build_from_run
 
         model, cfg = build_from_run(run_dir, device)
+        if getattr(model, "task", None) == "detection":
+            raise ValueError(f"{run_dir} holds a detector: use `clipdense detect` (DetectionPredictor)")
         clip_source = (cfg.model.overrides.get("clip_model", "RN50"), cfg.model.pretrained)
         return cls(model, cfg.model.class_names, replace(cfg.eval, **eval_overrides), clip_source)
 
