@@ -1,4 +1,4 @@
-"""Iteration-based training of segmentation models: DDP, AMP, atomic checkpoints, exact resume.
+"""Iteration-based training of segmentation models and detectors: DDP, AMP, atomic checkpoints, exact resume.
 
 Run with ``clipdense train CONFIG [key=value ...]`` on one process, or under ``torchrun
 --nproc_per_node N`` (and ``--nnodes``) for DistributedDataParallel. What makes a resumed run
@@ -264,8 +264,16 @@ def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
 # ------------------------------------------------------------------------------------------- data
 
 DETECTION_DATASET = "coco"
-# Annotation problems that stop training unless data.skip_bad is set (then they are dropped and counted).
-_SKIPPABLE_ANNOTATIONS = ("unknown_category", "unknown_image", "malformed_box", "invalid_segmentation")
+# Annotation problems also shown on the console (all are in train.log); unknown ids and malformed boxes stop
+# the run unless data.skip_bad is set, the others are fixed or dropped and counted.
+_SHOWN_ANNOTATION_PROBLEMS = (
+    "clipped",
+    "degenerate",
+    "unknown_category",
+    "unknown_image",
+    "malformed_box",
+    "invalid_segmentation",
+)
 
 
 def is_detection(cfg: ExperimentConfig) -> bool:
@@ -308,11 +316,9 @@ def _training_data(cfg: ExperimentConfig, detection: bool):
     return dataset, collate_skip_none
 
 
-def build_eval_dataset(
-    cfg: ExperimentConfig, root: str | None = None, split: str | None = None, dataset: str | None = None
-):
+def build_eval_dataset(cfg: ExperimentConfig, root: str | None = None, split: str | None = None):
     """The validation dataset of a config (segmentation: no transform; detection: every image, original size)."""
-    name, root, split = dataset or cfg.data.dataset, root or cfg.data.root, split or cfg.data.val_split
+    name, root, split = cfg.data.dataset, root or cfg.data.root, split or cfg.data.val_split
     if name == DETECTION_DATASET:
         from clipdense.data.detection import build_detection_dataset, build_detection_eval_transform
 
@@ -442,7 +448,7 @@ def train(
         print(f"global batch size {global_batch} ({cfg.train.batch_size} per process x {world})")
         if detection:  # what the annotation checks clipped, dropped or skipped
             logger.info("%s", dataset.describe_problems())
-            if any(dataset.annotation_report[k] for k in ("clipped", "degenerate", *_SKIPPABLE_ANNOTATIONS)):
+            if any(dataset.annotation_report[k] for k in _SHOWN_ANNOTATION_PROBLEMS):
                 print(dataset.describe_problems())
 
     samples = SeededSamples(SkipBadSamples(dataset, skip=cfg.data.skip_bad), cfg.train.seed)
@@ -612,8 +618,11 @@ def _evaluate_during_training(model, cfg, device, metrics_path, writer, step) ->
         from clipdense.evaluation.detection import evaluate_detection
 
         report = evaluate_detection(model, val, device, progress=False, limit=cfg.eval.limit)
-        record = {"step": step, **{f"val_bbox_{k}": v for k, v in report.bbox.items()}}
-        record.update({f"val_segm_{k}": v for k, v in (report.segm or {}).items()})
+        ap = report.to_dict()  # NaN (nothing to score in an area range) -> None, valid JSON
+        record = {
+            "step": step,
+            **{f"val_{kind}_{k}": v for kind in ("bbox", "segm") for k, v in (ap[kind] or {}).items()},
+        }
     else:
         from clipdense.evaluation.segmentation import evaluate
 
