@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,25 +14,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from clipdense.fileio import atomic_write
+
 DEFAULT_MODEL = "RN50"
 DEFAULT_PRETRAINED = "openai"
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write a file through a temporary sibling and rename it, so no partial file is ever left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -20,9 +20,7 @@ zero-shot evaluation scenes never share a seed (see ``*_SEED_OFFSET``).
 from __future__ import annotations
 
 import colorsys
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from clipdense.fileio import atomic_write_json
 
 __all__ = [
     "BACKGROUNDS",
@@ -667,12 +667,6 @@ def _encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def _write_json(path: Path, payload: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
-
-
 def _export(
     root: str | Path,
     num_train: int,
@@ -745,8 +739,8 @@ def _export(
 
     meta = {"seed": seed, "config": asdict(cfg), "num_train": num_train, "num_val": num_val}
     meta["seed_start"] = {split: seed + offset for split, _, _, offset in _SPLITS}
-    _write_json(root / "captions.json", captions)
-    _write_json(root / "shapesworld_meta.json", meta)
+    atomic_write_json(root / "captions.json", captions)
+    atomic_write_json(root / "shapesworld_meta.json", meta)
     if coco:
         categories = [
             {"id": i + 1, "name": name, "supercategory": name.split(" ", 1)[1]} for i, name in enumerate(names)
@@ -758,7 +752,7 @@ def _export(
                 "categories": categories,
                 **coco_sets[split],
             }
-            _write_json(root / "annotations" / f"instances_{coco_split}2017.json", payload)
+            atomic_write_json(root / "annotations" / f"instances_{coco_split}2017.json", payload)
     return root
 
 

@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
+
+from clipdense.fileio import atomic_write_json
 
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 """Names of ``COCOeval.stats[0:6]`` in order."""
@@ -213,7 +212,7 @@ class DetectionReport:
         Args:
             path: Destination file; its folder must exist.
         """
-        _write_json_atomic(path, self.to_dict(), indent=2)
+        atomic_write_json(path, self.to_dict(), indent=2)
 
 
 @torch.no_grad()
@@ -273,7 +272,7 @@ def evaluate_detection(
         bar.update(len(samples))
     bar.close()
     if results_path is not None:
-        _write_json_atomic(results_path, results)
+        atomic_write_json(results_path, results)
     metrics = coco_evaluate(coco_gt, results, image_ids, ("bbox", "segm") if with_masks else ("bbox",))
     return DetectionReport(
         bbox=metrics["bbox"], segm=metrics.get("segm"), num_images=len(image_ids), num_detections=len(results)
@@ -294,19 +293,6 @@ def _image_id(sample: dict[str, Any], coco_gt: COCO) -> int:
             "evaluate at the original size (the eval transform must not resize)"
         )
     return image_id
-
-
-def _write_json_atomic(path: str | Path, obj: Any, indent: int | None = None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_float(value: float) -> float | None:

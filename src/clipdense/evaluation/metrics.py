@@ -7,15 +7,14 @@ freq_c the fraction of labelled pixels whose ground truth is c. All values are p
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from clipdense.fileio import atomic_write_json
 
 
 @dataclass
@@ -85,16 +84,7 @@ class SegmentationReport:
         Args:
             path: Destination file; its folder must exist.
         """
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_json(path, self.to_dict(), indent=2)
 
 
 class SegmentationMetric:

@@ -29,7 +29,6 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -51,6 +50,7 @@ from clipdense.data.shapesworld import (
     normalize_image,
     single_object_scene,
 )
+from clipdense.fileio import atomic_write, atomic_write_text
 
 __all__ = [
     "MODEL_CONFIG_PATH",
@@ -392,24 +392,12 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drops metric lines logged after ``step`` (by an interrupted run) to match the resume point."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    _atomic_write_text(path, "".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -422,10 +410,10 @@ def _save_final(model: torch.nn.Module, cfg: PretrainConfig, model_cfg: dict[str
     from safetensors.torch import save_file
 
     weights = out / WEIGHTS_NAME
-    tmp = weights.with_name(weights.name + ".tmp")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt", "model_name": cfg.model_name})
-    os.replace(tmp, weights)
+    atomic_write(
+        weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "model_name": cfg.model_name})
+    )
     config = {
         "model_name": cfg.model_name,
         "model_cfg": model_cfg,
@@ -436,7 +424,7 @@ def _save_final(model: torch.nn.Module, cfg: PretrainConfig, model_cfg: dict[str
         },
         "train_cfg": asdict(cfg),
     }
-    _atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return weights
 
 
@@ -521,7 +509,7 @@ def _train(cfg: PretrainConfig, out: Path, loss_fn: torch.nn.Module) -> Pretrain
             "config": asdict(cfg),
             "model_cfg": model_cfg,
         }
-        _atomic_torch_save(state, ckpt_path)
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         logger.info("saved checkpoint at step %d", at_step)
 
     losses: list[tuple[int, float]] = []

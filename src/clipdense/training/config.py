@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from clipdense.fileio import atomic_write_text
+
 
 @dataclass
 class ModelConfig:
@@ -258,12 +260,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    data = cfg.to_dict()
-    tmp.write_text(yaml.safe_dump(_plain(data), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 
 
 def _plain(value: Any) -> Any:

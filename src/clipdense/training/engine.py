@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from clipdense.checkpoints import state_dict_mismatch
+from clipdense.fileio import atomic_write
 from clipdense.training.config import ExperimentConfig, save_config
 
 logger = logging.getLogger("clipdense.train")
@@ -167,12 +168,6 @@ def lr_factor(step: int, cfg, total: int, base_lr: float, milestones: Sequence[i
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step: int) -> Path:
     """Write ``checkpoints/step_XXXXXXX/{model.safetensors,state.pt}``, then point ``latest`` at it."""
     root = run_dir / CHECKPOINTS
@@ -185,7 +180,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step
     torch.save(state, partial / "state.pt")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
-    _atomic(root / "latest", lambda tmp: tmp.write_text(folder.name + "\n"))
+    atomic_write(root / "latest", lambda tmp: tmp.write_text(folder.name + "\n"))
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
@@ -414,7 +409,7 @@ def train(
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        _atomic(
+        atomic_write(
             run_dir / "run_info.json",
             lambda tmp: tmp.write_text(
                 json.dumps(
@@ -605,7 +600,7 @@ def _log(path: Path, writer, record: dict[str, Any]) -> None:
 def _truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        _atomic(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
+        atomic_write(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
 
 
 def _evaluate_during_training(model, cfg, device, metrics_path, writer, step) -> None:
