@@ -655,15 +655,9 @@ def load_trunk_checkpoint(trunk: nn.Module, path: str | os.PathLike) -> None:
         k = k.replace("conv1.", "stem.0.", 1) if k.startswith("conv1.") else k
         k = k.replace("bn1.", "stem.1.", 1) if k.startswith("bn1.") else k
         renamed[k] = v
-    from clipdense.checkpoints import state_dict_mismatch
+    from clipdense.checkpoints import load_state_dict_strict
 
-    missing, unexpected, mismatched = state_dict_mismatch(trunk, renamed)
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{path} does not fit the trunk: missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches "
-            f"{mismatched[:3]}; pass a torchvision ResNet checkpoint of the same depth"
-        )
-    trunk.load_state_dict(renamed)
+    load_state_dict_strict(trunk, renamed, str(path), "pass a torchvision ResNet checkpoint of the same depth")
 
 
 def build_maskclip_plus(

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from clipdense.checkpoints import state_dict_mismatch
+from clipdense.checkpoints import load_state_dict_strict
 from clipdense.fileio import atomic_write
 from clipdense.training.config import ExperimentConfig, save_config
 
@@ -199,14 +199,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a safetensors state dict strictly (a run's weights must fit its own architecture)."""
-    state = load_file(str(path))
-    missing, unexpected, mismatched = state_dict_mismatch(model, state)
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shape mismatches {mismatched[:3]}"
-        )
-    model.load_state_dict(state)
+    load_state_dict_strict(model, load_file(str(path)), str(path))
 
 
 # ------------------------------------------------------------------------------------------- setup
