@@ -366,7 +366,7 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 def _check_detection_dataset(args: argparse.Namespace) -> int:
     from clipdense.data.checks import BAD_SAMPLE_ERRORS
-    from clipdense.data.detection import build_detection_dataset
+    from clipdense.data.detection import FATAL_KINDS, build_detection_dataset
 
     dataset = build_detection_dataset(
         args.root, args.split, with_masks=True, skip_bad_annotations=True, filter_empty=False
@@ -382,7 +382,7 @@ def _check_detection_dataset(args: argparse.Namespace) -> int:
     print(f"{count} images read, {len(bad)} unreadable or not matching their annotation")
     for line in bad:
         print(f"  {line}")
-    problems = sum(dataset.annotation_report.get(k, 0) for k in ("unknown_category", "unknown_image", "malformed_box"))
+    problems = sum(dataset.annotation_report[k] for k in FATAL_KINDS)
     return 1 if bad or problems else 0
 
 

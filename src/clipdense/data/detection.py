@@ -35,6 +35,8 @@ from .datasets import read_image_rgb
 
 __all__ = [
     "COCO_LAYOUT",
+    "ANNOTATION_PROBLEMS",
+    "FATAL_KINDS",
     "PROBLEM_KINDS",
     "CocoDetection",
     "build_detection_dataset",
@@ -62,7 +64,10 @@ PROBLEM_KINDS: dict[str, str] = {
     "invalid_segmentation": "no polygon with >= 3 points and no RLE of the image size (with_masks only), dropped",
     "empty_images": "images with no training annotation left",
 }
-_FATAL_KINDS = ("unknown_category", "unknown_image", "malformed_box")  # raise unless skip_bad_annotations
+#: Kinds that raise unless ``skip_bad_annotations`` (then the annotations are dropped and counted).
+FATAL_KINDS: tuple[str, ...] = ("unknown_category", "unknown_image", "malformed_box")
+#: Kinds that change or drop an annotation (crowd regions and the images left empty are not problems).
+ANNOTATION_PROBLEMS: tuple[str, ...] = tuple(k for k in PROBLEM_KINDS if k not in ("crowd", "empty_images"))
 _MAX_EXAMPLES = 3
 _SPLIT_ALIASES = {"train": "train2017", "val": "val2017"}
 

@@ -252,16 +252,6 @@ def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
 # ------------------------------------------------------------------------------------------- data
 
 DETECTION_DATASET = "coco"
-# Annotation problems also shown on the console (all are in train.log); unknown ids and malformed boxes stop
-# the run unless data.skip_bad is set, the others are fixed or dropped and counted.
-_SHOWN_ANNOTATION_PROBLEMS = (
-    "clipped",
-    "degenerate",
-    "unknown_category",
-    "unknown_image",
-    "malformed_box",
-    "invalid_segmentation",
-)
 
 
 def is_detection(cfg: ExperimentConfig) -> bool:
@@ -434,10 +424,13 @@ def train(
             step,
         )
         print(f"global batch size {global_batch} ({cfg.train.batch_size} per process x {world})")
-        if detection:  # what the annotation checks clipped, dropped or skipped
-            logger.info("%s", dataset.describe_problems())
-            if any(dataset.annotation_report[k] for k in _SHOWN_ANNOTATION_PROBLEMS):
-                print(dataset.describe_problems())
+        if detection:  # what the annotation checks clipped, dropped or skipped: in train.log, and shown if any
+            from clipdense.data.detection import ANNOTATION_PROBLEMS
+
+            summary = dataset.describe_problems()
+            logger.info("%s", summary)
+            if any(dataset.annotation_report[k] for k in ANNOTATION_PROBLEMS):
+                print(summary)
 
     samples = SeededSamples(SkipBadSamples(dataset, skip=cfg.data.skip_bad), cfg.train.seed)
     sampler = StepSampler(len(dataset), cfg.train.batch_size, rank, world, cfg.train.seed, start_step=step)
