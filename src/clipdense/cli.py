@@ -309,10 +309,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _eval_detection(args: argparse.Namespace, model, cfg) -> None:
+    from clipdense.data.datasets import DETECTION_DATASET
     from clipdense.evaluation.detection import evaluate_detection
     from clipdense.training.engine import build_eval_dataset
 
-    if args.dataset not in (None, "coco"):
+    if args.dataset not in (None, DETECTION_DATASET):
         raise CLIError(f"a detector is evaluated on a COCO-layout dataset (--dataset coco), not {args.dataset}")
     ignored = [f for f, v in (("--mode", args.mode), ("--scales", args.scales), ("--flip", args.flip),
                               ("--aug", args.aug)) if v]  # fmt: skip
@@ -329,7 +330,13 @@ def _eval_detection(args: argparse.Namespace, model, cfg) -> None:
     report = evaluate_detection(model, dataset, args.device, limit=args.limit, results_path=results)
     print(report.format())
     out = Path(args.out or run / f"eval_coco_{split}.json")
-    payload = {"checkpoint": str(run), "dataset": "coco", "root": str(dataset.root), "split": split, **report.to_dict()}
+    payload = {
+        "checkpoint": str(run),
+        "dataset": DETECTION_DATASET,
+        "root": str(dataset.root),
+        "split": split,
+        **report.to_dict(),
+    }
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
     print(f"saved {out} (detections in COCO results format: {results})")
 
@@ -337,9 +344,10 @@ def _eval_detection(args: argparse.Namespace, model, cfg) -> None:
 def cmd_flops(args: argparse.Namespace) -> None:
     from clipdense.models.registry import count_flops, count_parameters, create_model
     from clipdense.training.config import load_config
+    from clipdense.training.engine import is_detection
 
     cfg = load_config(args.config, args.overrides)
-    num_classes = args.num_classes or (80 if cfg.data.dataset == "coco" else 150)
+    num_classes = args.num_classes or (80 if is_detection(cfg) else 150)
     names = cfg.model.class_names or [f"class {i}" for i in range(num_classes)]
     loading_logger = logging.getLogger("clipdense.clip.loading")
     loading_logger.setLevel(logging.ERROR)  # weights do not change the counts: build with random ones
@@ -388,9 +396,9 @@ def _check_detection_dataset(args: argparse.Namespace) -> int:
 
 def cmd_check_dataset(args: argparse.Namespace) -> int:
     from clipdense.data.checks import check_dataset
-    from clipdense.data.datasets import build_dataset
+    from clipdense.data.datasets import DETECTION_DATASET, build_dataset
 
-    if args.dataset == "coco":
+    if args.dataset == DETECTION_DATASET:
         return _check_detection_dataset(args)
 
     dataset = build_dataset(args.dataset, args.root, args.split)
@@ -500,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_detect)
 
-    from clipdense.data.datasets import list_datasets
+    from clipdense.data.datasets import DETECTION_DATASET, list_datasets
 
     p = sub.add_parser("eval-zeroshot", help="training-free evaluation on a segmentation dataset")
     p.add_argument("--dataset", required=True, choices=list_datasets())
@@ -558,7 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("check-dataset", help="label histogram and problems (unreadable, wrong size, bad labels)")
-    p.add_argument("--dataset", required=True, choices=[*list_datasets(), "coco"], help="coco: instances JSON layout")
+    p.add_argument(
+        "--dataset", required=True, choices=[*list_datasets(), DETECTION_DATASET], help="coco: instances JSON layout"
+    )
     p.add_argument("--root", required=True)
     p.add_argument("--split", default="train")
     p.add_argument("--limit", type=int, default=None)

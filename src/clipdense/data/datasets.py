@@ -548,6 +548,10 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+#: The detection / instance segmentation dataset name: the COCO instances layout (``clipdense.data.detection``).
+DETECTION_DATASET = "coco"
+
+
 def list_datasets() -> list[str]:
     """Returns the names accepted by :func:`build_dataset`."""
     return list(DATASETS)

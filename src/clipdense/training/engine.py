@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from clipdense.checkpoints import load_state_dict_strict
+from clipdense.data.datasets import DETECTION_DATASET
 from clipdense.fileio import atomic_write
 from clipdense.training.config import ExperimentConfig, save_config
 
@@ -250,8 +251,6 @@ def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------- data
-
-DETECTION_DATASET = "coco"
 
 
 def is_detection(cfg: ExperimentConfig) -> bool:
