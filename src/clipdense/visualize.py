@@ -21,6 +21,16 @@ def palette(num_classes: int) -> list[tuple[int, int, int]]:
     return colours
 
 
+def _view_factor(height: int, width: int) -> int:
+    """Integer enlargement that brings the long side to at least :data:`MIN_SIDE` (1 for large images)."""
+    return max(1, -(-MIN_SIDE // max(height, width)))
+
+
+def _enlarge(maps: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest-neighbour enlargement of the last two (H, W) dimensions by ``factor``."""
+    return maps.repeat_interleave(factor, -2).repeat_interleave(factor, -1) if factor > 1 else maps
+
+
 def overlay(
     image: torch.Tensor,
     labels: torch.Tensor,
@@ -51,10 +61,8 @@ def overlay(
     painted = [c for c in present if c not in background]
     counts = torch.bincount(labels.flatten(), minlength=num)
     total = labels.numel()
-    factor = max(1, -(-MIN_SIDE // max(labels.shape)))  # small images are enlarged for viewing
-    if factor > 1:
-        image = image.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
-        labels = labels.repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+    factor = _view_factor(*labels.shape)  # small images are enlarged for viewing
+    image, labels = _enlarge(image, factor), _enlarge(labels, factor)
     masks = torch.stack([labels == c for c in painted]) if painted else torch.zeros(0, *labels.shape, dtype=bool)
     drawn = draw_segmentation_masks(image, masks, alpha=alpha, colors=[colours[c] for c in painted])
     picture = Image.fromarray(drawn.permute(1, 2, 0).numpy())
@@ -105,14 +113,12 @@ def draw_detections(image: torch.Tensor, detections, alpha: float = 0.45) -> Ima
     from torchvision.utils import draw_bounding_boxes
 
     colours = palette(len(detections.class_names))
-    factor = max(1, -(-MIN_SIDE // max(image.shape[1:])))
+    factor = _view_factor(*image.shape[1:])
     boxes = detections.boxes * factor
-    if factor > 1:
-        image = image.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    image = _enlarge(image, factor)
     per_object = [colours[int(k)] for k in detections.labels]
     if detections.masks is not None and len(detections.masks):
-        masks = detections.masks.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
-        image = draw_segmentation_masks(image, masks, alpha=alpha, colors=per_object)
+        image = draw_segmentation_masks(image, _enlarge(detections.masks, factor), alpha=alpha, colors=per_object)
     if len(boxes):
         image = draw_bounding_boxes(image, boxes, colors=per_object, width=2)
     picture = Image.fromarray(image.permute(1, 2, 0).numpy())
