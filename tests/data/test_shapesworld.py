@@ -20,6 +20,7 @@ from clipdense.data.shapesworld import (
     generate_dataset,
     generate_scene,
     normalize_image,
+    render_scene_cache,
     single_object_scene,
 )
 
@@ -183,6 +184,66 @@ def test_captions_dataset_items():
     assert -2.0 < float(image.min()) and float(image.max()) < 2.5
     with pytest.raises(IndexError):
         dataset[5]
+
+
+def test_scene_cache_items_equal_rendered_items(tmp_path):
+    cfg = ShapesWorldConfig(image_size=40, single_object_caption_prob=0.7)
+    root = render_scene_cache(tmp_path / "cache", 11, base_seed=500, cfg=cfg, workers=2, chunk=4, progress=False)
+    cached = ShapesWorldCaptions(11, base_seed=500, cfg=cfg, cache=root)
+    rendered = ShapesWorldCaptions(11, base_seed=500, cfg=cfg)
+    for index in range(11):
+        (a, caption_a), (b, caption_b) = cached[index], rendered[index]
+        assert caption_a == caption_b and torch.equal(a, b)
+    assert np.load(root / "images.npy", mmap_mode="r").shape == (11, 40, 40, 3)
+    with pytest.raises(IndexError):
+        cached[11]
+
+
+def test_single_object_training_scenes(tmp_path):
+    cfg = ShapesWorldConfig(image_size=32)
+    root = render_scene_cache(tmp_path / "c", 5, base_seed=170, cfg=cfg, workers=0, progress=False, single_object=True)
+    cached = ShapesWorldCaptions(5, base_seed=170, cfg=cfg, cache=root, single_object=True)
+    rendered = ShapesWorldCaptions(5, base_seed=170, cfg=cfg, single_object=True)
+    for i in range(5):
+        scene = single_object_scene(170 + i, cfg, (170 + i) % cfg.num_classes)
+        assert cached[i][1] == rendered[i][1] == scene.caption and torch.equal(cached[i][0], rendered[i][0])
+        assert class_names(cfg)[(170 + i) % cfg.num_classes] in scene.caption
+    with pytest.raises(ValueError, match="not a complete scene cache"):
+        ShapesWorldCaptions(5, base_seed=170, cfg=cfg, cache=root)  # full scenes asked, one-object scenes cached
+
+
+def test_scene_cache_is_reused_resumed_and_checked(tmp_path, monkeypatch):
+    cfg = ShapesWorldConfig(image_size=32)
+    root = tmp_path / "cache"
+    real = sw._render_range
+    calls = []
+
+    def interrupted(job):
+        calls.append(job[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped while rendering the third chunk
+        return real(job)
+
+    monkeypatch.setattr(sw, "_render_range", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        render_scene_cache(root, 10, base_seed=7, cfg=cfg, workers=0, chunk=3, progress=False)
+    meta = json.loads((root / "cache.json").read_text())
+    assert meta["rendered"] == 6 and not meta["complete"]
+    with pytest.raises(ValueError, match="not a complete scene cache"):
+        ShapesWorldCaptions(10, base_seed=7, cfg=cfg, cache=root)
+    calls.clear()
+    monkeypatch.setattr(sw, "_render_range", lambda job: (calls.append(job[0]), real(job))[1])
+    render_scene_cache(root, 10, base_seed=7, cfg=cfg, workers=0, chunk=3, progress=False)
+    assert calls == [13, 16]  # only the missing chunks were rendered
+    cached = ShapesWorldCaptions(10, base_seed=7, cfg=cfg, cache=root)
+    assert all(cached[i][1] == generate_scene(7 + i, cfg).caption for i in range(10))
+    calls.clear()
+    render_scene_cache(root, 10, base_seed=7, cfg=cfg, workers=0, chunk=3, progress=False)
+    assert calls == []  # complete: reused as is
+    with pytest.raises(ValueError, match="not a complete scene cache"):
+        ShapesWorldCaptions(10, base_seed=8, cfg=cfg, cache=root)  # other scenes
+    render_scene_cache(root, 4, base_seed=8, cfg=cfg, workers=0, chunk=3, progress=False)  # replaced
+    assert ShapesWorldCaptions(4, base_seed=8, cfg=cfg, cache=root)[3][1] == generate_scene(11, cfg).caption
 
 
 def test_export_semantic_layout_and_contents(tmp_path):
