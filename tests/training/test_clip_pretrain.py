@@ -12,7 +12,10 @@ from safetensors.torch import load_file
 from clipdense.data.shapesworld import ShapesWorldConfig, class_names, generate_scene
 from clipdense.training.clip_pretrain import (
     MODEL_NAME,
+    RECIPES,
     PretrainConfig,
+    config_from_args,
+    create_model,
     get_tokenizer,
     main,
     register_model_config,
@@ -39,8 +42,13 @@ def _tiny_config(out_dir, **kwargs) -> PretrainConfig:
         "log_every": 1,
         "ckpt_every": 100,
         "eval_images": 8,
+        "eval_scenes": 2,
         "device": "cpu",
         "model_overrides": TINY,
+        # steps 1-4: one-object scenes, text transformer locked; step 5: image tower locked; step 6: both train.
+        # The resumed runs below stop at step 3 and cross both boundaries.
+        "single_object_warmup_frac": 0.67,
+        "locked_image_frac": 0.17,
     }
     return PretrainConfig(**{**base, **kwargs})
 
@@ -100,6 +108,54 @@ def test_resume_reproduces_uninterrupted_losses(uninterrupted, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_recipe_phases_lock_text_then_image(tmp_path):
+    from clipdense.training.clip_pretrain import _UNLOCKED_TEXT
+
+    torch.manual_seed(0)
+    initial = create_model(_tiny_config("unused")).state_dict()
+    states = {}
+    for stop in (4, 5, 6):
+        train(_tiny_config(tmp_path, stop_at_step=stop, eval_images=0, eval_scenes=0))
+        states[stop] = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    text_body = [k for k in initial if not k.startswith("visual.") and k not in _UNLOCKED_TEXT and k != "attn_mask"]
+    visual = [k for k in initial if k.startswith("visual.")]
+    assert "token_embedding.weight" in text_body and "visual.bn1.running_mean" in visual
+
+    def same(a, b, keys):
+        return all(torch.equal(a[k], b[k]) for k in keys)
+
+    assert same(states[4], initial, text_body)  # warm-up: text transformer untouched ...
+    assert not torch.equal(states[4]["text_projection"], initial["text_projection"])  # ... its projection trains
+    assert not same(states[4], initial, ["visual.conv1.weight"])
+    assert same(states[5], states[4], visual)  # locked image tower: weights and BatchNorm statistics kept
+    assert not same(states[5], states[4], ["token_embedding.weight"])
+    assert not same(states[6], states[5], ["visual.conv1.weight", "visual.bn1.running_mean"])  # both train
+
+
+def test_scene_cache_trains_exactly_like_rendering_on_the_fly(uninterrupted, tmp_path):
+    full_out, full = uninterrupted
+    assert not (full_out / "scene_cache").exists()  # the default cache is removed when the run is done
+    shared = tmp_path / "shared_cache"
+    cached = train(_tiny_config(tmp_path / "cached", cache_dir=str(shared), stop_at_step=3))
+    assert cached.losses == full.losses[:3]
+    assert {p.name for p in shared.iterdir()} == {"single_object_32px", "scenes_32px"}  # both streams cached
+    on_the_fly = train(_tiny_config(tmp_path / "cached", cache=False))  # resumes without the cache
+    assert on_the_fly.losses == full.losses[3:]
+    assert (shared / "scenes_32px" / "images.npy").is_file()  # a cache folder given by the user is kept
+
+
+def test_recipes_from_the_command_line():
+    assert config_from_args([]) == PretrainConfig()
+    gpu = config_from_args(["--recipe", "gpu", "--steps", "5", "--no-cache", "--grad-clip-norm", "0"])
+    assert gpu == PretrainConfig(**{**RECIPES["gpu"], "steps": 5, "cache": False, "grad_clip_norm": None})
+    assert gpu.image_size == 160 and gpu.batch_size == 512
+    cpu = config_from_args(["--single-object-captions", "0.9", "--threads", "1", "--no-channels-last"])
+    assert (cpu.single_object_caption_prob, cpu.threads, cpu.channels_last) == (0.9, 1, False)
+    assert cpu.world().single_object_caption_prob == 0.9
+    with pytest.raises(ValueError, match="single_object_caption_prob"):
+        config_from_args(["--single-object-captions", "1.5"])
+
+
 def test_resume_with_different_config_is_refused(tmp_path):
     train(_tiny_config(tmp_path, steps=4, stop_at_step=1, eval_images=0))
     with pytest.raises(ValueError, match="batch_size"):
@@ -120,7 +176,8 @@ def test_safetensors_loads_strictly_with_open_clip(uninterrupted):
 
 
 def test_overfits_a_fixed_batch(tmp_path):
-    cfg = _tiny_config(tmp_path, steps=12, num_scenes=8, lr=2e-3, warmup_frac=0.2, eval_images=0)
+    cfg = _tiny_config(tmp_path, steps=12, num_scenes=8, lr=2e-3, warmup_frac=0.2, eval_images=0, eval_scenes=0)
+    cfg = replace(cfg, single_object_warmup_frac=0.0, locked_image_frac=0.0)  # one fixed batch from the start
     losses = [loss for _, loss in train(cfg).losses]
     assert losses[-1] < 0.25 * losses[0], losses
 

@@ -14,10 +14,12 @@ MaskCLIP's central claim is that the value path (``maskclip``) beats the q-k att
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from clipdense.clip.loading import LoadedCLIP
@@ -27,12 +29,83 @@ from clipdense.data.shapesworld import (
     ShapesWorldConfig,
     class_names,
     generate_scene,
+    normalize_image,
+    single_object_scene,
 )
 from clipdense.evaluation.metrics import SegmentationMetric
-from clipdense.models.dense_clip_features import MODES
+from clipdense.models.dense_clip_features import MODES, dense_clip_encoder
 from clipdense.predictor import OpenVocabPredictor, SegmenterConfig
 
 BACKGROUND_ENTRY = ", ".join(["background"] + [f"{b} background" for b in BACKGROUNDS])
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _image_embeddings(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """B x D l2-normalised image embeddings; off the native size the positional grid is resized."""
+    native = getattr(getattr(model, "visual", None), "image_size", None)
+    native = tuple(native) if isinstance(native, (tuple, list)) else (native, native)
+    if native[0] is None or tuple(images.shape[-2:]) == native:
+        return model.encode_image(images, normalize=True)
+    return F.normalize(dense_clip_encoder(model.visual, "vanilla")(images).global_embed, dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    model: torch.nn.Module,
+    tokenizer,
+    cfg: ShapesWorldConfig | None = None,
+    num_images: int = 560,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> float:
+    """Zero-shot classification accuracy on single-object ShapesWorld scenes.
+
+    Image j shows one object of class ``j % C`` (balanced classes) and is
+    ``single_object_scene(EVAL_SEED_OFFSET + seed + j, cfg, j % C)``; it is classified among all C class
+    names with the prompt "a photo of a {}" by cosine similarity.
+
+    Args:
+        model: open_clip CLIP model (its device is used; bf16 autocast on CUDA).
+        tokenizer: Matching tokenizer (callable on a list of strings).
+        cfg: World configuration. Scenes are rendered at ``cfg.image_size``; at a size other than the
+            model's own, the attention pool's positional grid is resized (ResNet CLIPs).
+        num_images: Number of images.
+        seed: Evaluation seed.
+        batch_size: Images per forward pass.
+
+    Returns:
+        Top-1 accuracy in [0, 1].
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}.")
+    cfg = cfg or ShapesWorldConfig()
+    names = class_names(cfg)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with _autocast(device):
+            text = model.encode_text(tokenizer([f"a photo of a {name}" for name in names]).to(device), normalize=True)
+        correct = 0
+        for start in range(0, num_images, batch_size):
+            indices = range(start, min(start + batch_size, num_images))
+            targets = torch.tensor([j % len(names) for j in indices], device=device)
+            images = torch.stack(
+                [
+                    normalize_image(single_object_scene(EVAL_SEED_OFFSET + seed + j, cfg, j % len(names)).image)
+                    for j in indices
+                ]
+            ).to(device)
+            with _autocast(device):
+                features = _image_embeddings(model, images)
+            predictions = (features.float() @ text.float().T).argmax(dim=1)
+            correct += int((predictions == targets).sum())
+    finally:
+        model.train(was_training)
+    return correct / num_images
 
 
 @dataclass
