@@ -18,58 +18,93 @@ from clipdense.fileio import atomic_write
 
 DEFAULT_MODEL = "RN50"
 DEFAULT_PRETRAINED = "openai"
+#: The model of ``segment`` when no --model is given: the ShapesWorld CLIP that ships with the package,
+#: so that the main job works on a fresh install with no network.
+OFFLINE_MODEL, OFFLINE_PRETRAINED = "ShapesCLIP-RN", "shapesworld"
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
     from clipdense.models.dense_clip_features import MODES
+    from clipdense.predictor import SegmenterConfig
 
+    d = SegmenterConfig()
+    shipped = " (the shipped ShapesWorld CLIP)" if default_model == OFFLINE_MODEL else ""
     g = p.add_argument_group("model and inference")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture, hf-hub:org/repo or local-dir:PATH")
+    g.add_argument(
+        "--model",
+        default=None,
+        help=f"open_clip architecture, hf-hub:org/repo or local-dir:PATH (default: {default_model}{shipped})",
+    )
     g.add_argument(
         "--pretrained",
-        default=DEFAULT_PRETRAINED,
-        help="pretrained tag (openai, laion2b_s34b_b88k, ...) or a checkpoint file (.pt, .bin, .safetensors)",
+        default=None,
+        help="pretrained tag (openai, laion2b_s34b_b88k, ...) or a checkpoint file (.pt, .bin, .safetensors) "
+        f"(default: {OFFLINE_PRETRAINED} for {OFFLINE_MODEL}, {DEFAULT_PRETRAINED} otherwise)",
     )
     g.add_argument("--random-weights", action="store_true", help="use random weights (for smoke tests only)")
     g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default="auto", help="QuickGELU activation")
-    g.add_argument("--mode", choices=MODES, default="maskclip", help="training-free dense mode")
-    g.add_argument("--templates", default="ensemble", help="prompt templates: ensemble, imagenet, scene, single")
-    g.add_argument("--short-side", type=int, default=336, help="resize the short side to this (0: keep)")
-    g.add_argument("--window", type=int, default=224, help="sliding-window crop size")
-    g.add_argument("--stride", type=int, default=112, help="sliding-window stride")
-    g.add_argument("--whole", action="store_true", help="whole-image inference instead of sliding windows")
-    g.add_argument("--logit-scale", type=float, default=40.0, help="temperature before the softmax over classes")
+    g.add_argument("--mode", choices=MODES, default=d.mode, help="training-free dense mode")
+    # None below: the value the model's weights were made for (shipped weights), else the library default.
+    g.add_argument("--templates", default=None, help=f"prompt templates: ensemble, imagenet, scene, single "
+                   f"(default: {d.templates}; single for the ShapesWorld CLIP)")  # fmt: skip
+    g.add_argument("--short-side", type=int, default=None, help=f"resize the short side to this, 0: keep "
+                   f"(default: {d.short_side}; the ShapesWorld CLIP: its training size)")  # fmt: skip
+    g.add_argument("--window", type=int, default=None, help=f"sliding-window crop size (default: {d.window})")
+    g.add_argument("--stride", type=int, default=None, help=f"sliding-window stride (default: {d.stride})")
+    g.add_argument("--whole", action="store_true", help="whole-image inference instead of sliding windows "
+                   "(the ShapesWorld CLIP's default)")  # fmt: skip
+    g.add_argument("--logit-scale", type=float, default=d.logit_scale, help="temperature before the softmax")
     g.add_argument("--background-threshold", type=float, default=None, help="top probability below this -> background")
     g.add_argument("--key-smoothing", type=float, default=None, help="MaskCLIP key smoothing threshold (e.g. 0.5)")
     g.add_argument("--prompt-denoise", type=float, default=None, help="MaskCLIP prompt denoising threshold (e.g. 0.5)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(default_model=default_model)
 
 
-def _build_predictor(args: argparse.Namespace):
-    from clipdense.clip.loading import load_clip
-    from clipdense.predictor import OpenVocabPredictor, SegmenterConfig
+def _model_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(model name, pretrained) from --model/--pretrained/--random-weights and the command's default model."""
+    model = args.model or args.default_model
+    if args.random_weights or model.startswith(("hf-hub:", "local-dir:")):
+        return model, None
+    if args.pretrained is not None:
+        return model, args.pretrained
+    return model, OFFLINE_PRETRAINED if model == OFFLINE_MODEL else DEFAULT_PRETRAINED
 
-    config = SegmenterConfig(
+
+def _segmenter_config(args: argparse.Namespace, recommended: dict):
+    """Inference settings: the flags given, then what the weights recommend, then the library defaults."""
+    from clipdense.predictor import SegmenterConfig
+
+    chosen = {k: v for k, v in recommended.items() if k in ("templates", "short_side", "window", "stride")}
+    for name in ("templates", "short_side", "window", "stride"):
+        if getattr(args, name) is not None:
+            chosen[name] = getattr(args, name)
+    if args.whole:
+        chosen["window"] = None
+    if chosen.get("short_side") == 0:
+        chosen["short_side"] = None
+    return SegmenterConfig(
         mode=args.mode,
-        templates=args.templates,
-        short_side=args.short_side or None,
-        window=None if args.whole else args.window,
-        stride=args.stride,
         logit_scale=args.logit_scale,
         background_threshold=args.background_threshold,
         prompt_denoise=args.prompt_denoise,
         key_smoothing=args.key_smoothing,
+        **chosen,
     )
-    pretrained = None if args.random_weights else args.pretrained
-    if args.model.startswith(("hf-hub:", "local-dir:")):
-        pretrained = None
+
+
+def _build_predictor(args: argparse.Namespace):
+    from clipdense.clip.loading import load_clip
+    from clipdense.predictor import OpenVocabPredictor
+
+    model, pretrained = _model_source(args)
     quick_gelu = {"auto": None, "on": True, "off": False}[args.quick_gelu]
-    clip = load_clip(args.model, pretrained, device=args.device, quick_gelu=quick_gelu)
-    return OpenVocabPredictor(clip, config)
+    clip = load_clip(model, pretrained, device=args.device, quick_gelu=quick_gelu)
+    return OpenVocabPredictor(clip, _segmenter_config(args, dict(clip.inference)))
 
 
 def _check_images(paths: Sequence[str]) -> list[Path]:
@@ -117,6 +152,13 @@ def cmd_segment(args: argparse.Namespace) -> None:
         images = _check_images(args.images)
         predictor = _build_predictor(args)
         names = predictor.set_classes(classes)
+        clip = predictor.clip
+        used = f"{clip.name} ({clip.pretrained or 'random weights'})"
+        if clip.description:
+            used += f": {clip.description}"
+        if args.model is None:
+            used += "; --model/--pretrained choose another CLIP"
+        print(f"model: {used}")
     out_dir = Path(args.out)
     for path in tqdm(images, desc="segment", unit="img", disable=len(images) < 2):
         image = read_image(path)
@@ -408,20 +450,25 @@ def cmd_check_dataset(args: argparse.Namespace) -> int:
 
 
 def _load_shapes_clip(args: argparse.Namespace):
+    """The ShapesWorld CLIP: shipped weights, a weights file, or a `shapesworld train` run folder."""
     from clipdense.clip.loading import load_clip
 
-    return load_clip("ShapesCLIP-RN", None if args.random_weights else args.pretrained, device=args.device)
+    if args.random_weights:
+        return load_clip(OFFLINE_MODEL, None, device=args.device)
+    if Path(args.pretrained, "open_clip_config.json").is_file():  # a run folder: its own architecture
+        return load_clip(f"local-dir:{args.pretrained}", None, device=args.device)
+    return load_clip(OFFLINE_MODEL, args.pretrained, device=args.device)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from clipdense.data.shapesworld import class_names, generate_scene
+    from clipdense.data.shapesworld import ShapesWorldConfig, class_names, generate_scene
     from clipdense.evaluation.metrics import SegmentationMetric
     from clipdense.evaluation.shapesworld import BACKGROUND_ENTRY
     from clipdense.predictor import OpenVocabPredictor, SegmenterConfig
     from clipdense.visualize import overlay
 
     clip = _load_shapes_clip(args)
-    scene = generate_scene(args.seed)
+    scene = generate_scene(args.seed, ShapesWorldConfig(image_size=clip.image_size))  # the size it was trained at
     names = ["background", *class_names()]
     predictor = OpenVocabPredictor(
         clip, SegmenterConfig(mode=args.mode, templates="single", short_side=None, window=None)
@@ -461,17 +508,19 @@ def cmd_shapesworld_train(args: argparse.Namespace) -> int:
 
 def cmd_shapesworld_evaluate(args: argparse.Namespace) -> None:
     from clipdense.data.shapesworld import ShapesWorldConfig
-    from clipdense.evaluation.shapesworld import dense_quality, format_quality
-    from clipdense.training.clip_pretrain import zero_shot_accuracy
+    from clipdense.evaluation.shapesworld import dense_quality, format_quality, zero_shot_accuracy
 
     clip = _load_shapes_clip(args)
-    cfg = ShapesWorldConfig(image_size=clip.image_size)
+    cfg = ShapesWorldConfig(image_size=args.image_size or clip.image_size)
     accuracy = zero_shot_accuracy(clip.model, clip.tokenizer, cfg, num_images=args.images)
     results = dense_quality(clip, cfg, num_scenes=args.scenes, modes=args.modes)
+    print(f"{clip.name} ({clip.pretrained or 'random weights'}), scenes of {cfg.image_size} px "
+          f"(trained at {clip.image_size} px)")  # fmt: skip
     print(format_quality(results, accuracy))
     payload = {
         "model": clip.name,
         "pretrained": clip.pretrained,
+        "image_size": cfg.image_size,
         "zero_shot_accuracy": accuracy,
         "dense": [vars(r) for r in results],
     }
@@ -480,7 +529,11 @@ def cmd_shapesworld_evaluate(args: argparse.Namespace) -> None:
 
 
 def _add_shapes_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pretrained", default="shapesworld", help="'shapesworld' (shipped weights) or a checkpoint file")
+    p.add_argument(
+        "--pretrained",
+        default="shapesworld",
+        help="'shapesworld' (shipped weights), a weights file or a `shapesworld train` run folder",
+    )
     p.add_argument("--random-weights", action="store_true", help="use random weights (for smoke tests only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -497,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--checkpoint", default=None, help="a `clipdense train` run directory (trained model)")
     p.add_argument("--uncertainty", action="store_true", help="PPL checkpoints: also write <name>_uncertainty.png")
-    _add_model_args(p)
+    _add_model_args(p, default_model=OFFLINE_MODEL)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("detect", help="detect objects with a trained detector: boxes (and masks) with class names")
@@ -601,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=200)
     p.add_argument("--images", type=int, default=560, help="single-object images for zero-shot accuracy")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--image-size", type=int, default=None, help="scene size in pixels (default: the model's own)")
     p.add_argument("--out", default=None, help="JSON report path")
     _add_shapes_model_args(p)
     p.set_defaults(func=cmd_shapesworld_evaluate)

@@ -113,9 +113,22 @@ def test_random_weights_only_when_asked(tiny_configs, caplog):
     assert "random weights" in caplog.text
 
 
-def test_packaged_tag_without_weights_says_how_to_get_them():
-    with pytest.raises(CLIPLoadError, match="not in this installation"):
-        load_clip("ShapesCLIP-RN", "shapesworld")
+def test_packaged_weights_are_found_and_checksummed(monkeypatch):
+    from dataclasses import replace
+
+    from clipdense.clip import loading
+
+    key = ("ShapesCLIP-RN", "shapesworld")
+    shipped = loading.PACKAGED_WEIGHTS[key]
+    clip = load_clip(*key)
+    assert clip.inference == dict(shipped.inference) and clip.description == shipped.description
+    assert clip.fingerprint == load_clip(*key).fingerprint  # stable: keyed by the checksum, not the path
+    monkeypatch.setitem(loading.PACKAGED_WEIGHTS, key, replace(shipped, sha256="0" * 64))
+    with pytest.raises(CLIPLoadError, match="damaged or was replaced"):
+        load_clip(*key)
+    monkeypatch.setitem(loading.PACKAGED_WEIGHTS, key, replace(shipped, file="missing.safetensors"))
+    with pytest.raises(CLIPLoadError, match="not in this installation.*--pretrained PATH"):
+        load_clip(*key)
 
 
 def test_unreadable_checkpoint(tmp_path):

@@ -1,21 +1,30 @@
 """ShapesWorld: dataset reader on the exported layout, the quality evaluation, the demo, and the
-quality bars of the shipped ShapesWorld CLIP (skipped until the weights are shipped)."""
+quality of the shipped ShapesWorld CLIP (the offline default model)."""
 
 import json
-from importlib import resources
 
 import numpy as np
-import pytest
 import torch
+from PIL import Image
 
 from clipdense.cli import main
 from clipdense.clip import load_clip
 from clipdense.data.datasets import build_dataset
-from clipdense.data.shapesworld import ShapesWorldConfig, class_names, generate_dataset, generate_scene
-from clipdense.evaluation.shapesworld import dense_quality, format_quality
+from clipdense.data.shapesworld import (
+    EVAL_SEED_OFFSET,
+    ShapesWorldConfig,
+    class_names,
+    generate_dataset,
+    generate_scene,
+)
+from clipdense.evaluation.shapesworld import dense_quality, format_quality, zero_shot_accuracy
 
-WEIGHTS = resources.files("clipdense") / "weights" / "shapesclip_rn.safetensors"
-NO_WEIGHTS = "ShapesWorld CLIP weights are not shipped yet: they need a GPU (clipdense shapesworld train)"
+# The issue's bars are zero-shot >= 0.90, MaskCLIP >= 45% and >= 2x the q-k path. The shipped weights measure
+# 0.991, 80.5% (100 scenes) and 14x, and all object pixels of the segment test right (README, "ShapesWorld"):
+# these bars sit a little below the measurements, so that a regression of the inference code fails too.
+ZERO_SHOT_BAR = 0.97
+MASKCLIP_BAR = 77.0
+SEGMENT_PIXEL_BAR = 0.95
 
 
 def test_exported_folder_reads_back_with_reduced_zero_label(tmp_path):
@@ -52,25 +61,49 @@ def test_demo_writes_pictures_and_report(tmp_path, capsys):
     assert "background" in report["iou"]
 
 
-def test_demo_without_shipped_weights_is_a_clear_error(tmp_path, capsys):
-    if WEIGHTS.is_file():
-        pytest.skip("weights are shipped")
+def test_demo_without_shipped_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
+    from clipdense.clip import loading
+
+    key = ("ShapesCLIP-RN", "shapesworld")
+    monkeypatch.setitem(loading.PACKAGED_WEIGHTS, key, replace(loading.PACKAGED_WEIGHTS[key], file="gone.safetensors"))
     assert main(["demo", "--out", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err
     assert "not in this installation" in err and "--pretrained PATH" in err
     assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.skipif(not WEIGHTS.is_file(), reason=NO_WEIGHTS)
 def test_shipped_model_quality_bars():
-    from clipdense.training.clip_pretrain import zero_shot_accuracy
-
+    """The shipped ShapesWorld CLIP's quality on held-out scenes (README table; issue bars: zero-shot >= 90%,
+    MaskCLIP >= 45% mIoU on object pixels and >= 2x the q-k path)."""
     clip = load_clip("ShapesCLIP-RN", "shapesworld")
     cfg = ShapesWorldConfig(image_size=clip.image_size)
-    assert zero_shot_accuracy(clip.model, clip.tokenizer, cfg, num_images=560) >= 0.90
+    assert zero_shot_accuracy(clip.model, clip.tokenizer, cfg, num_images=560) >= ZERO_SHOT_BAR
     results = {r.mode: r for r in dense_quality(clip, cfg, num_scenes=100, modes=["maskclip", "vanilla"])}
-    assert results["maskclip"].miou_objects >= 45.0
+    assert results["maskclip"].miou_objects >= MASKCLIP_BAR
     assert results["maskclip"].miou_objects >= 2 * results["vanilla"].miou_objects
+
+
+def test_segment_without_a_model_uses_the_shipped_clip(tmp_path, capsys):
+    """The README's main job on a fresh install: no --model, no network; the shapes are found."""
+    cfg = ShapesWorldConfig(image_size=load_clip("ShapesCLIP-RN", "shapesworld").image_size)
+    names = class_names(cfg)
+    correct = total = 0
+    for seed in range(4):
+        scene = generate_scene(EVAL_SEED_OFFSET + 1000 + seed, cfg)
+        path = tmp_path / f"scene{seed}.png"
+        Image.fromarray(scene.image).save(path)
+        present = sorted({int(c) for c in scene.labels})
+        classes = ", ".join(names[c] for c in present)
+        assert main(["segment", str(path), "--classes", classes, "--out", str(tmp_path / "out")]) == 0
+        assert "model: ShapesCLIP-RN (shapesworld)" in capsys.readouterr().out
+        predicted = np.array(Image.open(tmp_path / "out" / f"scene{seed}_labels.png"))
+        objects = scene.semantic > 0
+        truth = np.searchsorted(present, scene.semantic.astype(np.int64) - 1)  # class -> index in --classes
+        correct += int((predicted[objects] == truth[objects]).sum())
+        total += int(objects.sum())
+    assert correct / total >= SEGMENT_PIXEL_BAR, correct / total
 
 
 def test_generate_command(tmp_path, capsys):

@@ -29,8 +29,35 @@ logger = logging.getLogger(__name__)
 # Keys that OpenAI's TorchScript archives carry besides the weights.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
-# Pretrained tags whose weights ship inside this package: (model name, tag) -> file name under weights/.
-PACKAGED_WEIGHTS: dict[tuple[str, str], str] = {("ShapesCLIP-RN", "shapesworld"): "shapesclip_rn.safetensors"}
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """Weights that ship inside this package.
+
+    Attributes:
+        file: File name under ``clipdense/weights/``.
+        sha256: Hex SHA-256 of the file, verified at every load.
+        inference: Inference settings these weights were made for (``SegmenterConfig`` fields), used by
+            the CLI where the user gives none: a model trained on small synthetic scenes wants its own
+            image size and prompt, not the successors' protocol for web-scale CLIPs.
+        description: One line for users ("which model did I just use?").
+    """
+
+    file: str
+    sha256: str
+    inference: Mapping[str, object] = field(default_factory=dict)
+    description: str = ""
+
+
+#: Pretrained tags whose weights ship inside this package: (model name, tag) -> weights.
+PACKAGED_WEIGHTS: dict[tuple[str, str], PackagedWeights] = {
+    ("ShapesCLIP-RN", "shapesworld"): PackagedWeights(
+        file="shapesclip_rn.safetensors",
+        sha256="56a628e075e71e71e96adefae227a87e5991e09ce9617eb750ece77538b3226e",
+        inference={"short_side": 128, "window": None, "templates": "single"},
+        description="ShapesCLIP-RN trained on ShapesWorld (the offline default; knows coloured shapes only)",
+    )
+}
 
 
 class CLIPLoadError(RuntimeError):
@@ -50,6 +77,8 @@ class LoadedCLIP:
         std: Per-channel RGB std for input normalisation.
         quick_gelu: Whether the model uses QuickGELU (OpenAI weights need it).
         fingerprint: Short id of the weights, used to key caches (text embeddings).
+        inference: Inference settings the weights were made for (empty: the library's defaults).
+        description: What the model is, in one line (shipped weights only).
     """
 
     model: torch.nn.Module
@@ -60,6 +89,8 @@ class LoadedCLIP:
     std: tuple[float, float, float] = OPENAI_DATASET_STD
     quick_gelu: bool = False
     fingerprint: str = field(default="")
+    inference: Mapping[str, object] = field(default_factory=dict)
+    description: str = ""
 
     @property
     def is_resnet(self) -> bool:
@@ -175,6 +206,33 @@ def _fingerprint(*parts: object) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified_packaged_file(name: str, tag: str, packaged: PackagedWeights) -> Path:
+    """The shipped weights file, after checking that it is there and is the file that was shipped."""
+    weights = Path(str(resources.files("clipdense") / "weights" / packaged.file))
+    if not weights.is_file():
+        raise CLIPLoadError(
+            f"the {name}/{tag} weights are not in this installation (expected {weights}). Reinstall clipdense, "
+            "or train them with `clipdense shapesworld train` and pass the resulting .safetensors file as "
+            "--pretrained PATH."
+        )
+    found = file_sha256(weights)
+    if found != packaged.sha256:
+        raise CLIPLoadError(
+            f"the {name}/{tag} weights file {weights} is damaged or was replaced (sha256 {found[:12]}..., "
+            f"expected {packaged.sha256[:12]}...). Reinstall clipdense, or pass your own weights as --pretrained PATH."
+        )
+    return weights
+
+
 def _download_tag(name: str, tag: str, cfg: dict, cache_dir: str | None) -> str:
     try:
         path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
@@ -224,6 +282,7 @@ def load_clip(
     register_model_configs()
     schema = name.split(":", 1)[0] if name.startswith(("hf-hub:", "local-dir:")) else None
     mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    packaged: PackagedWeights | None = None
 
     if schema is not None:
         if pretrained is not None:
@@ -260,14 +319,7 @@ def load_clip(
             packaged = PACKAGED_WEIGHTS.get((name, pretrained))
             tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
             if packaged is not None:
-                weights = resources.files("clipdense") / "weights" / packaged
-                if not weights.is_file():
-                    raise CLIPLoadError(
-                        f"the {name}/{pretrained} weights are not in this installation "
-                        f"(expected {weights}). Train them with `python -m clipdense.training.clip_pretrain` "
-                        "and pass the resulting .safetensors file as --pretrained PATH."
-                    )
-                checkpoint = str(weights)
+                checkpoint = str(_verified_packaged_file(name, pretrained, packaged))
             elif tag_cfg:
                 checkpoint = _download_tag(name, pretrained, tag_cfg, cache_dir)
                 mean, std = tuple(tag_cfg.get("mean", mean)), tuple(tag_cfg.get("std", std))
@@ -296,7 +348,9 @@ def load_clip(
         if precision in ("fp16", "bf16"):
             model = model.to(torch.float16 if precision == "fp16" else torch.bfloat16)
         model = model.to(device)
-        if checkpoint:
+        if packaged is not None:
+            fingerprint = _fingerprint(name, packaged.sha256)  # the same in every installation
+        elif checkpoint:
             stat = Path(checkpoint).stat()
             fingerprint = _fingerprint(name, Path(checkpoint).resolve(), stat.st_size, stat.st_mtime_ns)
         else:
@@ -312,4 +366,6 @@ def load_clip(
         std=std,
         quick_gelu=use_quick_gelu,
         fingerprint=fingerprint,
+        inference=dict(packaged.inference) if packaged is not None else {},
+        description=packaged.description if packaged is not None else "",
     )
