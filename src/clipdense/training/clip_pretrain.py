@@ -356,7 +356,7 @@ def _worker_init(worker_id: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation
+# Training
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -364,11 +364,6 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
 
 
 def _seed_everything(seed: int) -> None:
@@ -501,8 +496,9 @@ def _streams(cfg: PretrainConfig, cache_dir: Path | None) -> list[_Stream]:
     """The run's data: one-object warm-up scenes (if any), then full scenes; cached first if asked."""
     world = cfg.world()
     warm = cfg.phases()[0]
-    parts = [(0, warm, min(warm * cfg.batch_size, cfg.num_scenes), cfg.data_seed + WARMUP_SEED_SHIFT, True)]
-    parts = parts if warm else []
+    parts = []
+    if warm > 0:
+        parts.append((0, warm, min(warm * cfg.batch_size, cfg.num_scenes), cfg.data_seed + WARMUP_SEED_SHIFT, True))
     if warm < cfg.steps:
         parts.append((warm, cfg.steps, cfg.num_scenes, cfg.data_seed, False))
     streams = []
