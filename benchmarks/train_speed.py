@@ -17,8 +17,8 @@ import time
 
 import torch
 
+from clipdense.config import OptimConfig
 from clipdense.models.registry import create_model
-from clipdense.training.config import OptimConfig
 from clipdense.training.engine import param_groups
 
 

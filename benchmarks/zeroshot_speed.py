@@ -19,7 +19,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from clipdense.models.dense_clip_features import MODES, dense_clip_encoder
+from clipdense.clip.dense import MODES, dense_clip_encoder
 
 
 def timeit(fn, x: torch.Tensor, iters: int, warmup: int) -> float:

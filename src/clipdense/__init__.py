@@ -14,9 +14,9 @@ _EXPORTS = {
     "load_clip": "clipdense.clip.loading",
     "create_model": "clipdense.models.registry",
     "list_models": "clipdense.models.registry",
-    "OpenVocabPredictor": "clipdense.predictor",
-    "SegmenterConfig": "clipdense.predictor",
-    "Segmentation": "clipdense.predictor",
+    "OpenVocabPredictor": "clipdense.inference",
+    "SegmenterConfig": "clipdense.inference",
+    "Segmentation": "clipdense.inference",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -28,8 +28,8 @@ class CLIError(Exception):
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
-    from clipdense.models.dense_clip_features import MODES
-    from clipdense.predictor import SegmenterConfig
+    from clipdense.clip.dense import MODES
+    from clipdense.inference import SegmenterConfig
 
     d = SegmenterConfig()
     shipped = " (the shipped ShapesWorld CLIP)" if default_model == OFFLINE_MODEL else ""
@@ -77,7 +77,7 @@ def _model_source(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def _segmenter_config(args: argparse.Namespace, recommended: dict):
     """Inference settings: the flags given, then what the weights recommend, then the library defaults."""
-    from clipdense.predictor import SegmenterConfig
+    from clipdense.inference import SegmenterConfig
 
     chosen = {k: v for k, v in recommended.items() if k in ("templates", "short_side", "window", "stride")}
     for name in ("templates", "short_side", "window", "stride"):
@@ -99,7 +99,7 @@ def _segmenter_config(args: argparse.Namespace, recommended: dict):
 
 def _build_predictor(args: argparse.Namespace):
     from clipdense.clip.loading import load_clip
-    from clipdense.predictor import OpenVocabPredictor
+    from clipdense.inference import OpenVocabPredictor
 
     model, pretrained = _model_source(args)
     quick_gelu = {"auto": None, "on": True, "off": False}[args.quick_gelu]
@@ -131,14 +131,14 @@ def _save_png(array: np.ndarray) -> Callable[[Path], None]:
 
 def cmd_segment(args: argparse.Namespace) -> None:
     from clipdense.data.classnames import parse_class_list, read_class_file
-    from clipdense.predictor import read_image
+    from clipdense.inference import read_image
     from clipdense.visualize import heatmap, overlay
 
     if args.uncertainty and args.checkpoint is None:
         raise CLIError("--uncertainty needs a trained PPL model: add --checkpoint RUN_DIR")
     if args.checkpoint is not None:
         images = _check_images(args.images)
-        from clipdense.predictor import TrainedPredictor
+        from clipdense.inference import TrainedPredictor
 
         predictor = TrainedPredictor.from_run(args.checkpoint, args.device)
         names = predictor.class_names
@@ -191,7 +191,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> None:
-    from clipdense.predictor import DetectionPredictor, read_image
+    from clipdense.inference import DetectionPredictor, read_image
     from clipdense.visualize import draw_detections
 
     if not 0.0 <= args.score_threshold <= 1.0:
@@ -295,7 +295,7 @@ def cmd_robustness(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from clipdense.training.config import load_config
+    from clipdense.config import load_config
     from clipdense.training.engine import train
 
     cfg = load_config(args.config, args.overrides)
@@ -310,7 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from clipdense.data.datasets import build_dataset
     from clipdense.evaluation.segmentation import evaluate
-    from clipdense.training.engine import build_from_run
+    from clipdense.runs import build_from_run
 
     model, cfg = build_from_run(args.checkpoint, args.device)
     if getattr(model, "task", None) == "detection":
@@ -384,8 +384,8 @@ def _eval_detection(args: argparse.Namespace, model, cfg) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
+    from clipdense.config import load_config
     from clipdense.models.registry import count_flops, count_parameters, create_model
-    from clipdense.training.config import load_config
     from clipdense.training.engine import is_detection
 
     cfg = load_config(args.config, args.overrides)
@@ -464,7 +464,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from clipdense.data.shapesworld import ShapesWorldConfig, class_names, generate_scene
     from clipdense.evaluation.metrics import SegmentationMetric
     from clipdense.evaluation.shapesworld import BACKGROUND_ENTRY
-    from clipdense.predictor import OpenVocabPredictor, SegmenterConfig
+    from clipdense.inference import OpenVocabPredictor, SegmenterConfig
     from clipdense.visualize import overlay
 
     clip = _load_shapes_clip(args)
@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_check_dataset)
 
-    from clipdense.models.dense_clip_features import MODES
+    from clipdense.clip.dense import MODES
 
     p = sub.add_parser("demo", help="segment a rendered ShapesWorld scene with the ShapesWorld CLIP")
     p.add_argument("--seed", type=int, default=7, help="scene seed")

@@ -104,7 +104,7 @@ def draw_detections(image: torch.Tensor, detections, alpha: float = 0.45) -> Ima
 
     Args:
         image: 3 x H x W uint8 RGB image.
-        detections: :class:`clipdense.predictor.Detections` for the image.
+        detections: :class:`clipdense.inference.Detections` for the image.
         alpha: Opacity of the instance masks.
 
     Returns:

@@ -180,7 +180,7 @@ def test_robustness_command_writes_the_whole_table(tiny_configs, ade, tmp_path, 
 def test_eval_zeroshot_corruption_matches_the_sweep(tiny_checkpoints, ade, tmp_path, capsys, monkeypatch):
     """eval-zeroshot --corruption feeds image i corrupted with seed + i; same checkpoint and seed: the sweep's cell."""
     from clipdense.data.datasets import build_dataset
-    from clipdense.predictor import OpenVocabPredictor
+    from clipdense.inference import OpenVocabPredictor
 
     seen = []
     set_image = OpenVocabPredictor.set_image

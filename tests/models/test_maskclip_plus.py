@@ -81,7 +81,7 @@ def test_annotation_free_pseudo_labels():
 
 def test_classifier_is_frozen_text_embeddings_and_set_classes_swaps():
     from clipdense.clip.loading import load_clip
-    from clipdense.models.registry import class_text_embeddings
+    from clipdense.clip.text import class_text_embeddings
 
     model = tiny()
     torch.manual_seed(0)  # the same random tiny CLIP as tiny() built
@@ -218,10 +218,11 @@ def test_unknown_unseen_class_is_an_error():
 
 
 def test_tiny_zero_shot_run_through_engine(tmp_path):
+    from clipdense.config import EvalConfig, load_config
     from clipdense.data.datasets import build_dataset
     from clipdense.evaluation.segmentation import evaluate
-    from clipdense.training.config import EvalConfig, load_config
-    from clipdense.training.engine import build_from_run, train
+    from clipdense.runs import build_from_run
+    from clipdense.training.engine import train
 
     root = write_colour_dataset(tmp_path / "data")
     iters = 30
@@ -274,8 +275,8 @@ def test_tiny_zero_shot_run_through_engine(tmp_path):
 def test_shipped_configs_are_consistent():
     from pathlib import Path
 
+    from clipdense.config import load_config
     from clipdense.data.datasets import DATASETS
-    from clipdense.training.config import load_config
 
     paths = sorted((Path(__file__).parents[2] / "configs" / "maskclip_plus").glob("maskclip_plus_*.yaml"))
     assert len(paths) == 6

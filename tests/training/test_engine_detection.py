@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from clipdense.cli import main
+from clipdense.config import load_config
 from clipdense.evaluation.detection import evaluate_detection
 from clipdense.models.registry import create_model
-from clipdense.training.config import load_config
-from clipdense.training.engine import build_eval_dataset, build_from_run, latest_checkpoint, train
+from clipdense.runs import build_from_run, latest_checkpoint
+from clipdense.training.engine import build_eval_dataset, train
 from tiny_models import detection_overrides, write_shapes_coco
 
 
@@ -126,7 +127,7 @@ def test_ppl_mask_rcnn_under_ddp(shapes_root, tmp_path, tiny_configs):
         f"sys.path.insert(0, {str(os.path.dirname(__file__) + '/..')!r})\n"
         "from tiny_models import register_tiny_configs\n"
         "register_tiny_configs(pathlib.Path(tempfile.mkdtemp()))\n"
-        "from clipdense.training.config import load_config\n"
+        "from clipdense.config import load_config\n"
         "from clipdense.training.engine import train\n"
         "train(load_config(None, sys.argv[1:]), progress=False)\n"
     )

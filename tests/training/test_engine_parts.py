@@ -6,16 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from clipdense.training.config import OptimConfig
-from clipdense.training.engine import (
-    SeededSamples,
-    StepSampler,
-    latest_checkpoint,
-    load_weights,
-    lr_factor,
-    param_groups,
-    save_checkpoint,
-)
+from clipdense.config import OptimConfig
+from clipdense.runs import latest_checkpoint, load_weights, save_checkpoint
+from clipdense.training.engine import SeededSamples, StepSampler, lr_factor, param_groups
 
 
 def _take(sampler, n):

@@ -13,10 +13,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clipdense.cli import main
+from clipdense.config import load_config
 from clipdense.data.datasets import build_dataset
 from clipdense.evaluation.segmentation import evaluate
-from clipdense.training.config import load_config
-from clipdense.training.engine import latest_checkpoint, train
+from clipdense.runs import latest_checkpoint
+from clipdense.training.engine import train
 from tiny_models import tiny_overrides, write_colour_dataset
 
 
@@ -34,7 +35,7 @@ def trained_run(colour_data, tmp_path_factory, tiny_configs):
 
 
 def _miou(model, root):
-    from clipdense.training.config import EvalConfig
+    from clipdense.config import EvalConfig
 
     return evaluate(
         model, build_dataset("folder", root, "val"), EvalConfig(mode="whole", short_side=None), progress=False
@@ -43,7 +44,7 @@ def _miou(model, root):
 
 def test_tiny_denseclip_learns(trained_run, colour_data):
     from clipdense.models.registry import create_model
-    from clipdense.training.engine import build_from_run
+    from clipdense.runs import build_from_run
 
     cfg, result = trained_run
     assert result["finished"] and result["step"] == 40
@@ -106,7 +107,7 @@ def test_ddp_two_processes_equal_one_process(colour_data, tmp_path, tiny_configs
         f"sys.path.insert(0, {str(os.path.dirname(__file__) + '/..')!r})\n"
         "from tiny_models import register_tiny_configs\n"
         "import tempfile; register_tiny_configs(pathlib.Path(tempfile.mkdtemp()))\n"
-        "from clipdense.training.config import load_config\n"
+        "from clipdense.config import load_config\n"
         "from clipdense.training.engine import train\n"
         "train(load_config(None, sys.argv[1:]), progress=False)\n"
     )
@@ -175,8 +176,8 @@ def test_cli_eval_segment_flops_check(trained_run, colour_data, tmp_path, capsys
 def test_eval_multiscale_flip_and_sliding_window(trained_run, colour_data):
     from dataclasses import replace
 
-    from clipdense.evaluation.segmentation import predict_probs
-    from clipdense.training.engine import build_from_run
+    from clipdense.inference import predict_probs
+    from clipdense.runs import build_from_run
 
     cfg, _ = trained_run
     model, _ = build_from_run(cfg.run_dir)
@@ -194,9 +195,9 @@ def test_eval_multiscale_flip_and_sliding_window(trained_run, colour_data):
 def test_tiny_ppl_learns_and_reports_uncertainty(colour_data, tmp_path, tiny_configs, capsys):
     from dataclasses import replace
 
-    from clipdense.evaluation.segmentation import predict_probs
+    from clipdense.inference import predict_probs
     from clipdense.models.registry import create_model
-    from clipdense.training.engine import build_from_run
+    from clipdense.runs import build_from_run
 
     cfg = load_config(None, tiny_overrides(colour_data, tmp_path / "ppl", model="ppl_fpn_rn50", iters=30))
     result = train(cfg, progress=False)

@@ -1,8 +1,8 @@
 """CLIP access: loading through open_clip, text embeddings, dense image features."""
 
+from clipdense.clip.dense import MODES, DenseFeatures, dense_clip_encoder
 from clipdense.clip.loading import CLIPLoadError, LoadedCLIP, load_clip, read_state_dict
 from clipdense.clip.text import TEMPLATE_SETS, ClassEmbeddings, TextEmbedder, resolve_templates
-from clipdense.models.dense_clip_features import MODES, DenseFeatures, dense_clip_encoder
 
 __all__ = [
     "CLIPLoadError",

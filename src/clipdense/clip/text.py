@@ -159,3 +159,11 @@ class TextEmbedder:
         flat = [w for s in synonyms for w in s]
         index = torch.tensor([i for i, s in enumerate(synonyms) for _ in s], dtype=torch.long)
         return ClassEmbeddings(self.encode_names(flat), index, names)
+
+
+def class_text_embeddings(loaded: LoadedCLIP, class_names: Sequence[str], templates="ensemble") -> torch.Tensor:
+    """C x D l2-normalised CLIP text embeddings (template ensemble; a class with synonyms gets the
+    renormalised mean of its synonyms' embeddings)."""
+    emb = TextEmbedder(loaded, templates).encode_classes(list(class_names))
+    out = torch.zeros(emb.num_classes, emb.embeddings.shape[1]).index_add_(0, emb.class_index, emb.embeddings.float())
+    return F.normalize(out, dim=-1)

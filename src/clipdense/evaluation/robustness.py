@@ -133,7 +133,7 @@ def robustness_sweep(
     set to the dataset's.
 
     Args:
-        predictor: An :class:`~clipdense.predictor.OpenVocabPredictor` (``set_classes``, ``set_image``,
+        predictor: An :class:`~clipdense.inference.OpenVocabPredictor` (``set_classes``, ``set_image``,
             ``predict``).
         dataset: A :class:`~clipdense.data.datasets.SegmentationDataset`; samples give ``image``
             (3 x H x W uint8) and ``label`` (H x W int64).

@@ -1,121 +1,14 @@
-"""Inference and evaluation of trained segmentation models: whole / sliding window, multi-scale + flip."""
+"""Evaluation of trained segmentation models on a dataset: mIoU / mAcc / aAcc / fwIoU."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from clipdense.config import EvalConfig
 from clipdense.evaluation.metrics import SegmentationMetric, SegmentationReport
-from clipdense.models.dense_clip_features import pad_to_multiple
-from clipdense.predictor import window_starts
-from clipdense.training.config import EvalConfig
-
-
-def normalize(image: torch.Tensor, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> torch.Tensor:
-    """3 x H x W uint8 -> 3 x H x W float normalised with CLIP's statistics."""
-    mean = torch.tensor(mean, device=image.device).view(3, 1, 1)
-    std = torch.tensor(std, device=image.device).view(3, 1, 1)
-    return (image.float() / 255 - mean) / std
-
-
-def _logits(model: nn.Module, x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
-    """B x 3 x h x w -> B x K x h x w logits at the input resolution (input zero-padded to the
-    backbone's output stride, logits cropped back)."""
-    h, w = x.shape[-2:]
-    padded = pad_to_multiple(x, multiple)
-    out = model(padded)["logits"]
-    out = F.interpolate(out.float(), size=padded.shape[-2:], mode="bilinear", align_corners=False)
-    return out[..., :h, :w]
-
-
-def infer_logits(model: nn.Module, x: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
-    """Whole-image or sliding-window logits (averaged over overlapping windows).
-
-    Args:
-        model: Segmentation model returning ``{"logits": B x K x h' x w'}``.
-        x: 1 x 3 x H x W normalised image.
-        cfg: ``mode``, ``crop``, ``stride``.
-
-    Returns:
-        1 x K x H x W logits.
-    """
-    if cfg.mode == "whole":
-        return _logits(model, x)
-    if cfg.mode != "slide":
-        raise ValueError(f"unknown inference mode '{cfg.mode}'; use 'whole' or 'slide'")
-    h, w = x.shape[-2:]
-    total = count = None
-    for y in window_starts(h, cfg.crop, cfg.stride):
-        for x0 in window_starts(w, cfg.crop, cfg.stride):
-            crop = x[..., y : y + cfg.crop, x0 : x0 + cfg.crop]
-            logits = _logits(model, crop)
-            if total is None:
-                total = x.new_zeros(1, logits.shape[1], h, w)
-                count = x.new_zeros(1, 1, h, w)
-            total[..., y : y + crop.shape[-2], x0 : x0 + crop.shape[-1]] += logits
-            count[..., y : y + crop.shape[-2], x0 : x0 + crop.shape[-1]] += 1
-    return total / count
-
-
-@torch.inference_mode()
-def predict_probs(model: nn.Module, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
-    """Class probabilities at the image's resolution, averaged over scales (and flips).
-
-    Args:
-        model: Segmentation model in eval mode.
-        image: 3 x H x W uint8 image (on the model's device).
-        cfg: Evaluation settings.
-
-    Returns:
-        K x H x W probabilities.
-    """
-    h, w = image.shape[-2:]
-    x = normalize(image)
-    probs = None
-    for scale in cfg.scales:
-        xs = x
-        if cfg.short_side is not None:
-            xs = TF.resize(x, [max(1, round(cfg.short_side * scale))], antialias=True)
-        views = [xs, xs.flip(-1)] if cfg.flip else [xs]
-        for i, view in enumerate(views):
-            logits = infer_logits(model, view[None], cfg)
-            if i == 1:
-                logits = logits.flip(-1)
-            p = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)[0]
-            probs = p if probs is None else probs + p
-    return probs / (len(cfg.scales) * (2 if cfg.flip else 1))
-
-
-@torch.inference_mode()
-def predict_uncertainty(model: nn.Module, image: torch.Tensor, cfg: EvalConfig) -> dict[str, torch.Tensor] | None:
-    """PPL's uncertainty outputs for one image (None for models without them).
-
-    Args:
-        model: Segmentation model in eval mode.
-        image: 3 x H x W uint8 image.
-        cfg: Evaluation settings (``short_side`` is used; one whole-image pass).
-
-    Returns:
-        ``pixel``: H x W predictive entropy across the Monte-Carlo samples (nats);
-        ``sigma``: K text-side standard deviations (geometric mean over attributes and dimensions).
-    """
-    h, w = image.shape[-2:]
-    x = normalize(image)
-    if cfg.short_side is not None:
-        x = TF.resize(x, [cfg.short_side], antialias=True)
-    padded = pad_to_multiple(x[None], 32)
-    out = model(padded)
-    if "uncertainty" not in out:
-        return None
-    grid = out["uncertainty"][:, None].float()
-    grid = F.interpolate(grid, size=padded.shape[-2:], mode="bilinear", align_corners=False)
-    grid = grid[..., : x.shape[-2], : x.shape[-1]]
-    pixel = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    return {"pixel": pixel, "sigma": out["sigma"][0].float()}
+from clipdense.inference.sliding import predict_probs
 
 
 def evaluate(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from clipdense.clip.dense import MODES, dense_clip_encoder
 from clipdense.clip.loading import LoadedCLIP
 from clipdense.data.shapesworld import (
     BACKGROUNDS,
@@ -33,8 +34,7 @@ from clipdense.data.shapesworld import (
     single_object_scene,
 )
 from clipdense.evaluation.metrics import SegmentationMetric
-from clipdense.models.dense_clip_features import MODES, dense_clip_encoder
-from clipdense.predictor import OpenVocabPredictor, SegmenterConfig
+from clipdense.inference import OpenVocabPredictor, SegmenterConfig
 
 BACKGROUND_ENTRY = ", ".join(["background"] + [f"{b} background" for b in BACKGROUNDS])
 

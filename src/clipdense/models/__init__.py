@@ -2,24 +2,12 @@
 
 from clipdense.models.backbones import AttentionPool, CLIPResNetBackbone, CLIPViTBackbone, TimmBackbone
 from clipdense.models.decoders import FPN, FPNHead, UperNetHead
-from clipdense.models.dense_clip_features import (
-    MODES,
-    DenseFeatures,
-    DenseResNetCLIP,
-    DenseViTCLIP,
-    dense_clip_encoder,
-)
 from clipdense.models.ppl import AttributePromptEncoder, PPLSegmentor, ProbabilisticDecoder
 from clipdense.models.registry import count_flops, count_parameters, create_model, list_models, register_model
 from clipdense.models.segmentors import CLIPFPNSegmentor, DenseCLIPSegmentor
 from clipdense.models.text import ContextDecoder, ContextTextEncoder, FrozenCLIPTextEncoder, PreModelPrompter
 
 __all__ = [
-    "MODES",
-    "DenseFeatures",
-    "DenseResNetCLIP",
-    "DenseViTCLIP",
-    "dense_clip_encoder",
     "FPN",
     "AttentionPool",
     "CLIPFPNSegmentor",

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from clipdense.models.dense_clip_features import _merge_heads, _split_heads, resize_grid_embedding
+from clipdense.clip.dense import _merge_heads, _split_heads, resize_grid_embedding
 
 _RESNET_STEM = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3", "avgpool")
 

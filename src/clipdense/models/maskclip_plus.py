@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from clipdense.clip.refine import key_smoothing, prompt_denoise
 from clipdense.models.segmentors import segmentation_cross_entropy
 
 PROTOCOLS: tuple[str, ...] = ("zeroshot", "annotation_free")
@@ -229,8 +230,6 @@ class MaskCLIPGuide(nn.Module):
         Returns:
             B x C x h x w cosine scores (after the refinements), h = H / the encoder stride.
         """
-        from clipdense.predictor import key_smoothing, prompt_denoise
-
         feats = self.encoder(images)
         scores = torch.einsum("bdhw,cd->bchw", F.normalize(feats.dense.float(), dim=1), text.float())
         if self.prompt_denoise > 0:

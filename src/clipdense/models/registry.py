@@ -622,16 +622,6 @@ from clipdense.models.maskclip_plus import (  # noqa: E402
 )
 
 
-def class_text_embeddings(loaded, class_names: Sequence[str], templates="ensemble") -> torch.Tensor:
-    """C x D l2-normalised CLIP text embeddings (template ensemble; a class with synonyms gets the
-    renormalised mean of its synonyms' embeddings)."""
-    from clipdense.clip.text import TextEmbedder
-
-    emb = TextEmbedder(loaded, templates).encode_classes(list(class_names))
-    out = torch.zeros(emb.num_classes, emb.embeddings.shape[1]).index_add_(0, emb.class_index, emb.embeddings.float())
-    return torch.nn.functional.normalize(out, dim=-1)
-
-
 def load_trunk_checkpoint(trunk: nn.Module, path: str | os.PathLike) -> None:
     """Load torchvision-layout ResNet weights (``conv1``, ``bn1``, ``layer1..4``; ``fc`` dropped; ``module.``
     prefixes and ``state_dict`` wrappers accepted) from a local .pth/.pt or .safetensors file into a trunk."""
@@ -697,8 +687,8 @@ def build_maskclip_plus(
         templates: Prompt templates of the text embeddings.
         head_channels: Width of the DeepLabv3+ decoder.
     """
+    from clipdense.clip.dense import dense_clip_encoder
     from clipdense.data.splits import AVAILABLE_SPLITS, class_indices, load_unseen_split
-    from clipdense.models.dense_clip_features import dense_clip_encoder
 
     class_names = _check_classes(class_names, num_classes, need_names=True)
     if head not in MASKCLIP_PLUS_HEADS:
@@ -713,6 +703,8 @@ def build_maskclip_plus(
     if protocol == "zeroshot" and guide is not None and not unseen:
         logger.warning("MaskCLIP+ zero-shot without unseen classes: plain supervised training on the GT")
     loaded = _load(clip_model, pretrained)
+    from clipdense.clip.text import class_text_embeddings
+
     text = class_text_embeddings(loaded, class_names, templates)
     body = build_trunk(trunk)
     if trunk_checkpoint is not None:
@@ -758,7 +750,7 @@ def maskclip_plus_deeplabv3plus_r101(**kw) -> MaskCLIPPlus:
     return build_maskclip_plus(**_with(dict(clip_model="RN50", head="deeplabv3plus", trunk="resnet101"), kw))
 
 
-__all__ += ["build_maskclip_plus", "class_text_embeddings", "load_trunk_checkpoint"]
+__all__ += ["build_maskclip_plus", "load_trunk_checkpoint"]
 
 
 # --- Detection and instance segmentation (DenseCLIP Tables 3-4, PPL Table 3) on torchvision's detectors ----------

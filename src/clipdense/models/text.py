@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipdense.models.dense_clip_features import _merge_heads, _split_heads
+from clipdense.clip.dense import _merge_heads, _split_heads
 
 
 def causal_mask(length: int) -> torch.Tensor:

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -27,20 +26,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from clipdense.checkpoints import load_state_dict_strict
+from clipdense.config import ExperimentConfig, save_config
 from clipdense.data.datasets import DETECTION_DATASET
 from clipdense.fileio import atomic_write
-from clipdense.training.config import ExperimentConfig, save_config
+from clipdense.runs import latest_checkpoint, load_weights, save_checkpoint
 
 logger = logging.getLogger("clipdense.train")
 
-CHECKPOINTS = "checkpoints"
-KEEP_CHECKPOINTS = 2
 # Config sections that may change between a run and its resume without changing the trajectory.
 _RESUME_FREE = {("train", "log_every"), ("train", "ckpt_every"), ("train", "eval_every"), ("data", "workers")}
 
@@ -148,7 +144,7 @@ def lr_factor(step: int, cfg, total: int, base_lr: float, milestones: Sequence[i
 
     Args:
         step: Optimiser steps done.
-        cfg: The :class:`~clipdense.training.config.OptimConfig`.
+        cfg: The :class:`~clipdense.config.OptimConfig`.
         total: Total steps.
         base_lr: The group's base learning rate.
         milestones: Step-schedule milestones in iterations.
@@ -167,40 +163,6 @@ def lr_factor(step: int, cfg, total: int, base_lr: float, milestones: Sequence[i
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step: int) -> Path:
-    """Write ``checkpoints/step_XXXXXXX/{model.safetensors,state.pt}``, then point ``latest`` at it."""
-    root = run_dir / CHECKPOINTS
-    folder = root / f"step_{step:07d}"
-    partial = root / f".step_{step:07d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(partial / "model.safetensors"), metadata={"step": str(step)})
-    torch.save(state, partial / "state.pt")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
-    atomic_write(root / "latest", lambda tmp: tmp.write_text(folder.name + "\n"))
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The folder ``checkpoints/latest`` points to, or None."""
-    pointer = Path(run_dir) / CHECKPOINTS / "latest"
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{pointer} points to {folder}, which has no model.safetensors")
-    return folder
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a safetensors state dict strictly (a run's weights must fit its own architecture)."""
-    load_state_dict_strict(model, load_file(str(path)), str(path))
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -612,32 +574,3 @@ def _evaluate_during_training(model, cfg, device, metrics_path, writer, step) ->
     if cfg.train.freeze_bn:
         _freeze_bn(model)
     _log(metrics_path, writer, record)
-
-
-def build_from_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
-    """Rebuild a trained model from its run directory (resolved config + latest weights)."""
-    from clipdense.models.registry import create_model
-    from clipdense.training.config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"{run_dir} is not a run directory (no config.yaml); pass the folder `clipdense train` wrote"
-        )
-    cfg = load_config(run_dir / "config.yaml")
-    folder = latest_checkpoint(run_dir)
-    if folder is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
-    # The checkpoint holds every weight, CLIP's included: build without loading CLIP weights, then load all.
-    loading_logger = logging.getLogger("clipdense.clip.loading")
-    level = loading_logger.level
-    loading_logger.setLevel(logging.ERROR)  # no "random weights" warning: they are replaced right below
-    try:
-        model = create_model(cfg.model.name, class_names=cfg.model.class_names, pretrained=None, **cfg.model.overrides)
-    finally:
-        loading_logger.setLevel(level)
-    load_weights(model, folder / "model.safetensors")
-    model = model.to(device).eval()
-    if getattr(model, "text_encoder", None) is not None and getattr(model, "prompting", None) != "pre":
-        model.cache_text_embeddings()  # fixed after training: inference runs no text encoder
-    return model, cfg

@@ -6,14 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from clipdense.clip import load_clip
-from clipdense.predictor import (
-    OpenVocabPredictor,
-    SegmenterConfig,
-    key_smoothing,
-    prompt_denoise,
-    read_image,
-    window_starts,
-)
+from clipdense.clip.refine import key_smoothing, prompt_denoise
+from clipdense.inference import OpenVocabPredictor, SegmenterConfig, read_image, window_starts
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ features are computed and kept), ``set_classes`` with any words, ``predict`` as 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from clipdense.clip.loading import LoadedCLIP
-from clipdense.clip.text import ClassEmbeddings, TextEmbedder
+from clipdense.clip.dense import MODES, dense_clip_encoder
+from clipdense.clip.loading import LoadedCLIP, load_clip
+from clipdense.clip.refine import key_smoothing, prompt_denoise
+from clipdense.clip.text import ClassEmbeddings, TextEmbedder, class_text_embeddings
+from clipdense.config import EvalConfig
 from clipdense.data.classnames import display_name
 from clipdense.data.datasets import read_image_rgb
-from clipdense.models.dense_clip_features import MODES, dense_clip_encoder
-
-# Temperature MaskCLIP uses inside its refinements (prompt denoising, key smoothing).
-REFINE_SCALE = 100.0
+from clipdense.inference.sliding import predict_probs, predict_uncertainty, window_starts
+from clipdense.runs import build_from_run
 
 
 def read_image(image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -114,48 +114,6 @@ class Segmentation:
         counts = torch.bincount(self.labels.flatten(), minlength=len(self.class_names)).tolist()
         total = self.labels.numel()
         return {n: {"pixels": int(c), "fraction": c / total} for n, c in zip(self.class_names, counts, strict=True)}
-
-
-def window_starts(size: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of sliding windows covering ``size`` (the last window ends at the border)."""
-    if size <= crop:
-        return [0]
-    n = math.ceil((size - crop) / stride) + 1
-    return [min(i * stride, size - crop) for i in range(n)]
-
-
-def prompt_denoise(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """MaskCLIP prompt denoising: drop classes that are confident nowhere in the image.
-
-    Args:
-        scores: B x C x h x w cosine scores.
-        threshold: A class whose max over pixels of softmax(100 * scores) is below it gets -100.
-    """
-    conf = F.softmax(scores * REFINE_SCALE, dim=1).flatten(2).amax(dim=2)  # B x C
-    return scores.masked_fill((conf < threshold)[:, :, None, None], -100.0)
-
-
-def key_smoothing(scores: torch.Tensor, keys: torch.Tensor, threshold: float) -> torch.Tensor:
-    """MaskCLIP key smoothing: low-confidence pixels take the key-affinity-weighted class
-    probabilities of all pixels, P_i <- sum_j (k_i . k_j) P_j with l2-normalised keys.
-
-    Args:
-        scores: B x C x h x w cosine scores.
-        keys: B x Ck x h x w keys of the last attention.
-        threshold: Pixels whose max of softmax(100 * scores) is below it are smoothed.
-
-    Returns:
-        B x C x h x w scores s' with softmax(100 * s') equal to the smoothed (renormalised)
-        probabilities; unsmoothed pixels keep their probabilities exactly.
-    """
-    b, c, h, w = scores.shape
-    probs = F.softmax(scores * REFINE_SCALE, dim=1).flatten(2)  # B x C x N
-    k = F.normalize(keys.flatten(2), dim=1)  # B x Ck x N
-    smoothed = probs @ (k.transpose(1, 2) @ k)  # sum_j P_j W_ji
-    low = probs.amax(dim=1, keepdim=True) < threshold
-    probs = torch.where(low, smoothed, probs).clamp_min(1e-12)
-    probs = probs / probs.sum(dim=1, keepdim=True)
-    return (probs.log() / REFINE_SCALE).view(b, c, h, w)
 
 
 class OpenVocabPredictor:
@@ -295,12 +253,10 @@ class TrainedPredictor:
     Args:
         model: Segmentation model returning ``{"logits": B x K x h x w}``.
         class_names: K class names.
-        config: Inference settings (``clipdense.training.config.EvalConfig``).
+        config: Inference settings (:class:`clipdense.config.EvalConfig`).
     """
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], config=None, clip_source=None) -> None:
-        from clipdense.training.config import EvalConfig
-
         self.model = model.eval()
         self.class_names = list(class_names)
         self.config = config or EvalConfig()
@@ -311,10 +267,6 @@ class TrainedPredictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu", **eval_overrides) -> TrainedPredictor:
         """Load the latest checkpoint of a ``clipdense train`` run directory."""
-        from dataclasses import replace
-
-        from clipdense.training.engine import build_from_run
-
         model, cfg = build_from_run(run_dir, device)
         if getattr(model, "task", None) == "detection":
             raise ValueError(f"{run_dir} holds a detector: use `clipdense detect` (DetectionPredictor)")
@@ -334,10 +286,6 @@ class TrainedPredictor:
                 f"this model was trained on {len(self.class_names)} fixed classes ({', '.join(self.class_names[:5])}, "
                 "...); it cannot take a new vocabulary"
             )
-        from clipdense.clip.loading import load_clip
-        from clipdense.data.classnames import display_name
-        from clipdense.models.registry import class_text_embeddings
-
         clip = load_clip(*self.clip_source, device=self.device)
         self.model.set_classes([display_name(c) for c in classes], class_text_embeddings(clip, classes).to(self.device))
         self.class_names = list(self.model.class_names)
@@ -349,8 +297,6 @@ class TrainedPredictor:
         Args:
             uncertainty: Also compute PPL's per-pixel and per-class uncertainty (one extra pass).
         """
-        from clipdense.evaluation.segmentation import predict_probs, predict_uncertainty
-
         if self._image is None:
             raise RuntimeError("call set_image() before predict()")
         probs = predict_probs(self.model, self._image, self.config)
@@ -418,8 +364,6 @@ class DetectionPredictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> DetectionPredictor:
         """Load the latest checkpoint of a ``clipdense train`` detection run directory."""
-        from clipdense.training.engine import build_from_run
-
         model, cfg = build_from_run(run_dir, device)
         if getattr(model, "task", None) != "detection":
             raise ValueError(f"{run_dir} holds a {type(model).__name__}, not a detector: use `clipdense segment`")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdense.models.dense_clip_features import (
+from clipdense.clip.dense import (
     MODES,
     DenseResNetCLIP,
     DenseViTCLIP,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from clipdense.training.config import ExperimentConfig, load_config, parse_overrides, save_config
+from clipdense.config import ExperimentConfig, load_config, parse_overrides, save_config
 
 CONFIGS = sorted(p for p in (Path(__file__).parents[2] / "configs").rglob("*.yaml") if not p.name.startswith("_"))
 

@@ -1,0 +1,30 @@
+"""Inference: dense prediction with CLIP-based models on images of any size.
+
+The Predictors follow segment-anything's pattern (``set_image`` once, ``predict`` many times):
+:class:`OpenVocabPredictor` for training-free open-vocabulary segmentation,
+:class:`TrainedPredictor` and :class:`DetectionPredictor` for models trained with ``clipdense train``.
+"""
+
+from clipdense.inference.predictor import (
+    DetectionPredictor,
+    Detections,
+    OpenVocabPredictor,
+    Segmentation,
+    SegmenterConfig,
+    TrainedPredictor,
+    read_image,
+)
+from clipdense.inference.sliding import predict_probs, predict_uncertainty, window_starts
+
+__all__ = [
+    "DetectionPredictor",
+    "Detections",
+    "OpenVocabPredictor",
+    "SegmenterConfig",
+    "Segmentation",
+    "TrainedPredictor",
+    "predict_probs",
+    "predict_uncertainty",
+    "read_image",
+    "window_starts",
+]

@@ -1,0 +1,95 @@
+"""Run directories: the resolved ``config.yaml`` plus checkpoint folders, and the model they rebuild.
+
+A run directory written by ``clipdense train`` looks like::
+
+    run_dir/
+        config.yaml                     resolved experiment config
+        metrics.jsonl                   one JSON object per logged step
+        checkpoints/
+            latest                      name of the newest complete step folder (replaced atomically)
+            step_0001000/
+                model.safetensors       every weight of the model (CLIP's included)
+                state.pt                optimiser, scheduler, scaler, RNG, step
+
+Training writes it; evaluation, inference and the CLI read it through :func:`build_from_run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from clipdense.checkpoints import load_state_dict_strict
+from clipdense.config import ExperimentConfig, load_config
+from clipdense.fileio import atomic_write
+from clipdense.models.registry import create_model
+
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step: int) -> Path:
+    """Write ``checkpoints/step_XXXXXXX/{model.safetensors,state.pt}``, then point ``latest`` at it."""
+    root = run_dir / CHECKPOINTS
+    folder = root / f"step_{step:07d}"
+    partial = root / f".step_{step:07d}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(partial / "model.safetensors"), metadata={"step": str(step)})
+    torch.save(state, partial / "state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    atomic_write(root / "latest", lambda tmp: tmp.write_text(folder.name + "\n"))
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder ``checkpoints/latest`` points to, or None."""
+    pointer = Path(run_dir) / CHECKPOINTS / "latest"
+    if not pointer.is_file():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{pointer} points to {folder}, which has no model.safetensors")
+    return folder
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors state dict strictly (a run's weights must fit its own architecture)."""
+    load_state_dict_strict(model, load_file(str(path)), str(path))
+
+
+def build_from_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
+    """Rebuild a trained model from its run directory (resolved config + latest weights)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a run directory (no config.yaml); pass the folder `clipdense train` wrote"
+        )
+    cfg = load_config(run_dir / "config.yaml")
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
+    # The checkpoint holds every weight, CLIP's included: build without loading CLIP weights, then load all.
+    loading_logger = logging.getLogger("clipdense.clip.loading")
+    level = loading_logger.level
+    loading_logger.setLevel(logging.ERROR)  # no "random weights" warning: they are replaced right below
+    try:
+        model = create_model(cfg.model.name, class_names=cfg.model.class_names, pretrained=None, **cfg.model.overrides)
+    finally:
+        loading_logger.setLevel(level)
+    load_weights(model, folder / "model.safetensors")
+    model = model.to(device).eval()
+    if getattr(model, "text_encoder", None) is not None and getattr(model, "prompting", None) != "pre":
+        model.cache_text_embeddings()  # fixed after training: inference runs no text encoder
+    return model, cfg
