@@ -6,7 +6,7 @@ import pytest
 
 from clipdense.config import ExperimentConfig, load_config, parse_overrides, save_config
 
-CONFIGS = sorted(p for p in (Path(__file__).parents[2] / "configs").rglob("*.yaml") if not p.name.startswith("_"))
+CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml") if not p.name.startswith("_"))
 
 
 def test_defaults_are_the_paper_recipe():

@@ -1,22 +1,21 @@
 """clipdense: language-guided dense prediction with CLIP.
 
-The top-level names are imported lazily so that ``clipdense --help`` and the data modules do
-not pay for importing open_clip.
+The top-level names are the README's and are imported lazily, so that ``clipdense --help`` and the
+data modules do not pay for importing open_clip. ARCHITECTURE.md shows the layers below.
 """
 
 from importlib import import_module
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "CLIPLoadError": "clipdense.clip.loading",
-    "LoadedCLIP": "clipdense.clip.loading",
+_EXPORTS = {  # what the README uses; everything else is imported from its layer's package
     "load_clip": "clipdense.clip.loading",
     "create_model": "clipdense.models.registry",
     "list_models": "clipdense.models.registry",
-    "OpenVocabPredictor": "clipdense.inference",
-    "SegmenterConfig": "clipdense.inference",
-    "Segmentation": "clipdense.inference",
+    "OpenVocabPredictor": "clipdense.inference.predictor",
+    "SegmenterConfig": "clipdense.inference.predictor",
+    "TrainedPredictor": "clipdense.inference.predictor",
+    "DetectionPredictor": "clipdense.inference.predictor",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,8 +1,11 @@
-"""Checking that a state dict fits a model before loading it, so a mismatch is one clear error."""
+"""State-dict utilities: checking that a state dict fits a model before loading it, so a mismatch is one
+clear error, and reading torchvision-layout ResNet checkpoints (the MaskCLIP+ trunk) from local files."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,3 +37,39 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
             f"shape mismatches {mismatched[:3]}" + (f"; {hint}" if hint else "")
         )
     model.load_state_dict(state)
+
+
+def load_trunk_checkpoint(trunk: nn.Module, path: str | os.PathLike) -> None:
+    """Load torchvision-layout ResNet weights (``conv1``, ``bn1``, ``layer1..4``; ``fc`` dropped; ``module.``
+    prefixes and ``state_dict`` wrappers accepted) from a local .pth/.pt or .safetensors file into a trunk.
+
+    Args:
+        trunk: A module with the torchvision ResNet layout, its stem as ``stem.0`` (conv) and ``stem.1``
+            (batch norm), e.g. MaskCLIP+'s dilated trunk.
+        path: The local checkpoint file (never downloaded).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: The weights do not fit the trunk.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trunk checkpoint {path} not found: pass a local torchvision ResNet state dict")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    renamed = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.")
+        if k.startswith("fc."):
+            continue
+        k = k.replace("conv1.", "stem.0.", 1) if k.startswith("conv1.") else k
+        k = k.replace("bn1.", "stem.1.", 1) if k.startswith("bn1.") else k
+        renamed[k] = v
+    load_state_dict_strict(trunk, renamed, str(path), "pass a torchvision ResNet checkpoint of the same depth")

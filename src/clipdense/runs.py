@@ -11,7 +11,8 @@ A run directory written by ``clipdense train`` looks like::
                 model.safetensors       every weight of the model (CLIP's included)
                 state.pt                optimiser, scheduler, scaler, RNG, step
 
-Training writes it; evaluation, inference and the CLI read it through :func:`build_from_run`.
+Training writes it; evaluation, inference and the CLI read it through :func:`build_from_run`, and
+:func:`build_eval_dataset` gives the validation data its config names.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 
 from clipdense.checkpoints import load_state_dict_strict
 from clipdense.config import ExperimentConfig, load_config
+from clipdense.data.datasets import DETECTION_DATASET, build_dataset
 from clipdense.fileio import atomic_write
 from clipdense.models.registry import create_model
 
@@ -93,3 +95,20 @@ def build_from_run(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     if getattr(model, "text_encoder", None) is not None and getattr(model, "prompting", None) != "pre":
         model.cache_text_embeddings()  # fixed after training: inference runs no text encoder
     return model, cfg
+
+
+def is_detection(cfg: ExperimentConfig) -> bool:
+    """Whether the config trains a detector (``data.dataset: coco``, the COCO instances layout)."""
+    return cfg.data.dataset == DETECTION_DATASET
+
+
+def build_eval_dataset(cfg: ExperimentConfig, root: str | None = None, split: str | None = None):
+    """The validation dataset of a config (segmentation: no transform; detection: every image, original size)."""
+    name, root, split = cfg.data.dataset, root or cfg.data.root, split or cfg.data.val_split
+    if name == DETECTION_DATASET:
+        from clipdense.data.detection import build_detection_dataset, build_detection_eval_transform
+
+        return build_detection_dataset(
+            root, split, with_masks=cfg.data.with_masks, filter_empty=False, transform=build_detection_eval_transform()
+        )
+    return build_dataset(name, root, split)

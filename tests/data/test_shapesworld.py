@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdense.data import shapesworld as sw
 from clipdense.data.shapesworld import (
     COLOURS,
     SIZE_NAMES,
@@ -23,6 +22,7 @@ from clipdense.data.shapesworld import (
     render_scene_cache,
     single_object_scene,
 )
+from clipdense.data.shapesworld import streams as sw  # the module whose _render_range the cache test patches
 
 SEEDS = range(40)
 

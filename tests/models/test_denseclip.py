@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import clipdense
 from clipdense.clip.loading import CLIPLoadError
+from clipdense.clip.text import tokenize_class_names
 from clipdense.data.classnames import load_classnames
 from clipdense.models import (
     AttentionPool,
@@ -26,7 +27,6 @@ from clipdense.models import (
     list_models,
 )
 from clipdense.models.backbones import vit_adapters
-from clipdense.models.registry import tokenize_class_names
 
 CLASSES = ["wall", "building, edifice", "sky", "chest of drawers"]
 TINY = {

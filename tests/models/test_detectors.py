@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from clipdense.config import OptimConfig
 from clipdense.data.detection import CocoDetection, build_detection_train_transform, collate_detection
+from clipdense.models import count_flops, count_parameters, create_model
 from clipdense.models.detectors import box_target_bce, box_targets
-from clipdense.models.registry import count_flops, count_parameters, create_model
 from clipdense.training.engine import build_optimizer
 from tiny_models import TINY_DETECTOR, TINY_RCNN, write_shapes_coco
 

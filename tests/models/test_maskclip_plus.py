@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipdense.checkpoints import load_trunk_checkpoint
 from clipdense.data.classnames import load_classnames
 from clipdense.data.splits import class_indices, load_unseen_split
 from clipdense.evaluation.metrics import SegmentationMetric
 from clipdense.evaluation.zeroshot_split import seen_unseen_report
+from clipdense.models import create_model, list_models
 from clipdense.models.maskclip_plus import GUIDE_SCALE, build_trunk, pseudo_labels
-from clipdense.models.registry import create_model, list_models, load_trunk_checkpoint
 from tiny_models import tiny_overrides, write_colour_dataset
 
 CLASSES = ["red thing", "green thing", "blue thing", "yellow thing"]

@@ -7,6 +7,7 @@ import open_clip
 import pytest
 import torch
 
+from clipdense.clip.text import tokenize_class_names
 from clipdense.data.classnames import load_classnames
 from clipdense.models import (
     AttributePromptEncoder,
@@ -19,7 +20,6 @@ from clipdense.models import (
     list_models,
 )
 from clipdense.models.ppl import diversity_loss, gaussian_kl, mc_pixel_nll, sample_mixture
-from clipdense.models.registry import tokenize_class_names
 from clipdense.models.segmentors import segmentation_cross_entropy
 
 CLASSES = ["wall", "building, edifice", "sky", "chest of drawers"]

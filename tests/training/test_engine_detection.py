@@ -13,8 +13,8 @@ from clipdense.cli import main
 from clipdense.config import load_config
 from clipdense.evaluation.detection import evaluate_detection
 from clipdense.models.registry import create_model
-from clipdense.runs import build_from_run, latest_checkpoint
-from clipdense.training.engine import build_eval_dataset, train
+from clipdense.runs import build_eval_dataset, build_from_run, latest_checkpoint
+from clipdense.training.engine import train
 from tiny_models import detection_overrides, write_shapes_coco
 
 

@@ -7,8 +7,9 @@ renormalise. A class may carry comma-separated synonyms; it then scores the max 
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import open_clip
@@ -16,7 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from clipdense.clip.loading import LoadedCLIP
+from clipdense.data.classnames import display_name
 from clipdense.data.classnames import synonyms as split_synonyms
+
+logger = logging.getLogger(__name__)
 
 SCENE_TEMPLATES: tuple[str, ...] = (
     "there is a {} in the scene.",
@@ -167,3 +171,27 @@ def class_text_embeddings(loaded: LoadedCLIP, class_names: Sequence[str], templa
     emb = TextEmbedder(loaded, templates).encode_classes(list(class_names))
     out = torch.zeros(emb.num_classes, emb.embeddings.shape[1]).index_add_(0, emb.class_index, emb.embeddings.float())
     return F.normalize(out, dim=-1)
+
+
+def tokenize_class_names(tokenizer: Callable, class_names: Sequence[str], context_length: int = 5) -> torch.Tensor:
+    """Tokenize display names with SOT/EOT in ``context_length`` tokens (DenseCLIP: 5).
+
+    Args:
+        tokenizer: An open_clip tokenizer (``tokenizer(texts, context_length=...)``).
+        class_names: K class entries; entries with synonyms (``"person, people"``) use their first name.
+        context_length: Tokens per name, SOT and EOT included.
+
+    Returns:
+        K x context_length token ids. Names that do not fit are truncated (EOT kept) with a warning.
+    """
+    names = [display_name(c) for c in class_names]
+    full = tokenizer(names)
+    too_long = [n for n, row in zip(names, full, strict=True) if int((row != 0).sum()) > context_length]
+    if too_long:
+        logger.warning(
+            "%d class names exceed %d tokens with SOT/EOT and are truncated: %s",
+            len(too_long),
+            context_length,
+            too_long[:5],
+        )
+    return tokenizer(names, context_length=context_length)

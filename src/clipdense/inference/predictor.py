@@ -24,7 +24,6 @@ from clipdense.config import EvalConfig
 from clipdense.data.classnames import display_name
 from clipdense.data.datasets import read_image_rgb
 from clipdense.inference.sliding import predict_probs, predict_uncertainty, window_starts
-from clipdense.runs import build_from_run
 
 
 def read_image(image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -267,6 +266,8 @@ class TrainedPredictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu", **eval_overrides) -> TrainedPredictor:
         """Load the latest checkpoint of a ``clipdense train`` run directory."""
+        from clipdense.runs import build_from_run  # here, not above: it imports every model family
+
         model, cfg = build_from_run(run_dir, device)
         if getattr(model, "task", None) == "detection":
             raise ValueError(f"{run_dir} holds a detector: use `clipdense detect` (DetectionPredictor)")
@@ -364,6 +365,8 @@ class DetectionPredictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> DetectionPredictor:
         """Load the latest checkpoint of a ``clipdense train`` detection run directory."""
+        from clipdense.runs import build_from_run
+
         model, cfg = build_from_run(run_dir, device)
         if getattr(model, "task", None) != "detection":
             raise ValueError(f"{run_dir} holds a {type(model).__name__}, not a detector: use `clipdense segment`")

@@ -1,37 +1,19 @@
-"""Pure ``nn.Module``s: no file or network I/O here."""
+"""Pure ``nn.Module``s of DenseCLIP (Rao et al., CVPR 2022), PPL, MaskCLIP+ and their detectors: no file or
+network I/O here.
 
+Each family builds and registers itself (``@register_model``) in its own module: ``segmentors.py``
+(DenseCLIP, CLIP + FPN), ``ppl.py``, ``maskclip_plus.py`` and ``detectors.py``. Importing this package
+imports them all, so :func:`create_model` and :func:`list_models` see every registered name.
+``flops.py`` counts parameters and FLOPs as the papers' tables do.
+"""
+
+# Importing the family modules (segmentors, ppl, maskclip_plus, detectors) registers their models.
 from clipdense.models.backbones import AttentionPool, CLIPResNetBackbone, CLIPViTBackbone, TimmBackbone
 from clipdense.models.decoders import FPN, FPNHead, UperNetHead
-from clipdense.models.ppl import AttributePromptEncoder, PPLSegmentor, ProbabilisticDecoder
-from clipdense.models.registry import count_flops, count_parameters, create_model, list_models, register_model
-from clipdense.models.segmentors import CLIPFPNSegmentor, DenseCLIPSegmentor
-from clipdense.models.text import ContextDecoder, ContextTextEncoder, FrozenCLIPTextEncoder, PreModelPrompter
-
-__all__ = [
-    "FPN",
-    "AttentionPool",
-    "CLIPFPNSegmentor",
-    "CLIPResNetBackbone",
-    "CLIPViTBackbone",
-    "ContextDecoder",
-    "ContextTextEncoder",
-    "DenseCLIPSegmentor",
-    "FPNHead",
-    "FrozenCLIPTextEncoder",
-    "PreModelPrompter",
-    "TimmBackbone",
-    "UperNetHead",
-    "AttributePromptEncoder",
-    "PPLSegmentor",
-    "ProbabilisticDecoder",
-    "count_flops",
-    "count_parameters",
-    "create_model",
-    "list_models",
-    "register_model",
-]
-
-from clipdense.models.maskclip_plus import (  # noqa: E402
+from clipdense.models.detectors import CLIPDetector, GuidedFPN
+from clipdense.models.flops import count_flops, count_parameters
+from clipdense.models.guidance import LanguageGuidance
+from clipdense.models.maskclip_plus import (
     ASPPv2,
     DeepLabV3PlusHead,
     DilatedResNetTrunk,
@@ -39,11 +21,41 @@ from clipdense.models.maskclip_plus import (  # noqa: E402
     MaskCLIPPlus,
     pseudo_labels,
 )
+from clipdense.models.ppl import AttributePromptEncoder, PPLGuidance, PPLSegmentor, ProbabilisticDecoder
+from clipdense.models.registry import create_model, list_models, register_model
+from clipdense.models.segmentors import CLIPFPNSegmentor, DenseCLIPSegmentor
+from clipdense.models.text import ContextDecoder, ContextTextEncoder, FrozenCLIPTextEncoder, PreModelPrompter
 
-__all__ += ["ASPPv2", "DeepLabV3PlusHead", "DilatedResNetTrunk", "MaskCLIPGuide", "MaskCLIPPlus", "pseudo_labels"]
-
-from clipdense.models.detectors import CLIPDetector, GuidedFPN  # noqa: E402
-from clipdense.models.guidance import LanguageGuidance  # noqa: E402
-from clipdense.models.ppl import PPLGuidance  # noqa: E402
-
-__all__ += ["CLIPDetector", "GuidedFPN", "LanguageGuidance", "PPLGuidance"]
+__all__ = [
+    "FPN",
+    "ASPPv2",
+    "AttentionPool",
+    "AttributePromptEncoder",
+    "CLIPDetector",
+    "CLIPFPNSegmentor",
+    "CLIPResNetBackbone",
+    "CLIPViTBackbone",
+    "ContextDecoder",
+    "ContextTextEncoder",
+    "DeepLabV3PlusHead",
+    "DenseCLIPSegmentor",
+    "DilatedResNetTrunk",
+    "FPNHead",
+    "FrozenCLIPTextEncoder",
+    "GuidedFPN",
+    "LanguageGuidance",
+    "MaskCLIPGuide",
+    "MaskCLIPPlus",
+    "PPLGuidance",
+    "PPLSegmentor",
+    "PreModelPrompter",
+    "ProbabilisticDecoder",
+    "TimmBackbone",
+    "UperNetHead",
+    "count_flops",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "pseudo_labels",
+    "register_model",
+]

@@ -10,11 +10,16 @@ regularise the prompts and the variances.
 No official code exists: the paper's equations are the specification, and each open point is an
 argument documented where it is defined ("Choice:"). Shapes: B images, K attributes, C classes,
 D joint embedding width, N samples, h x w the dense grid of z, H x W the label size.
+
+The builder :func:`build_ppl` and the registered names ``ppl_fpn_*`` (see
+:func:`clipdense.models.registry.create_model`) live here too; the PPL detectors (``ppl_maskrcnn_*``) are
+built in :mod:`clipdense.models.detectors` with :func:`ppl_text_side`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clipdense.clip.loading import LoadedCLIP, load_clip
+from clipdense.clip.text import tokenize_class_names
+from clipdense.models._build import DEFAULT_PRETRAINED, build_decoder, check_classes, clip_backbone, with_defaults
+from clipdense.models.backbones import dense_level_index
+from clipdense.models.registry import register_model
 from clipdense.models.segmentors import segmentation_cross_entropy
 from clipdense.models.text import ContextDecoder, ContextDecoderLayer, ContextTextEncoder, _Attention
 
@@ -597,6 +607,189 @@ def uncertainty_weighted(l_pixel: torch.Tensor, log_var: torch.Tensor) -> torch.
     return (l_pixel * torch.exp(-log_g) + 0.5 * log_g).mean()
 
 
+# --- Builders and registered models --------------------------------------------------------------------------
+
+
+def ppl_text_side(
+    loaded: LoadedCLIP,
+    class_names: Sequence[str],
+    image_embed_dim: int,
+    *,
+    num_attributes: int,
+    n_ctx: int,
+    class_context_length: int,
+    ctx_init_std: float,
+    sigma_type: str,
+    positivity: str,
+    log_var_init: float,
+    log_var_range: tuple[float, float],
+    prob_decoder_width: int,
+    prob_decoder_heads: int,
+    prob_decoder_layers: int,
+    post_model_context: bool,
+    context_decoder_layers: int,
+    dropout: float,
+) -> tuple[AttributePromptEncoder, ProbabilisticDecoder, ContextDecoder | None]:
+    """PPL's attribute prompts, probabilistic decoder and optional context decoder, shared by :func:`build_ppl`
+    and the PPL detectors (options as :func:`build_ppl`; ``image_embed_dim`` must equal the text width D)."""
+    text_encoder = AttributePromptEncoder(
+        loaded.model,
+        tokenize_class_names(loaded.tokenizer, class_names, class_context_length),
+        num_attributes=num_attributes,
+        n_ctx=n_ctx,
+        ctx_init_std=ctx_init_std,
+    )
+    d = text_encoder.embed_dim
+    if image_embed_dim != d:
+        raise ValueError(f"image embedding width {image_embed_dim} != text embedding width {d}")
+    prob_decoder = ProbabilisticDecoder(
+        d,
+        width=prob_decoder_width,
+        heads=prob_decoder_heads,
+        layers=prob_decoder_layers,
+        dropout=dropout,
+        sigma_type=sigma_type,
+        positivity=positivity,
+        log_var_init=log_var_init,
+        log_var_range=log_var_range,
+    )
+    context_decoder = None
+    if post_model_context:
+        context_decoder = ContextDecoder(d, prob_decoder_width, prob_decoder_heads, context_decoder_layers, dropout)
+    return text_encoder, prob_decoder, context_decoder
+
+
+def build_ppl(
+    *,
+    class_names: Sequence[str] | None,
+    num_classes: int | None = None,
+    pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
+    clip_model: str = "RN50",
+    decoder: str = "fpn",
+    input_resolution: int | None = 512,
+    num_attributes: int = 3,
+    n_ctx: int = 8,
+    class_context_length: int = 5,
+    ctx_init_std: float = 0.02,
+    n_samples: int = 15,
+    tau: float = 0.07,
+    alpha: float = 1.0,
+    beta: float = 1e-5,
+    pixel_weight: float = 1.0,
+    use_pixel_loss: bool = True,
+    use_prob_loss: bool = True,
+    use_div_loss: bool = True,
+    use_kl_loss: bool = True,
+    normalize_div: bool = True,
+    sigma_type: str = "isotropic",
+    positivity: str = "exp",
+    log_var_init: float = -5.0,
+    log_var_range: tuple[float, float] = (-10.0, 5.0),
+    prob_decoder_width: int = 256,
+    prob_decoder_heads: int = 4,
+    prob_decoder_layers: int = 5,
+    post_model_context: bool = False,
+    context_decoder_layers: int = 3,
+    decoder_dropout: float | None = None,
+    mc_inference: bool = True,
+    eval_seed: int | None = None,
+    dropout: float = 0.1,
+    drop_path: float = 0.1,
+    out_indices: Sequence[int] | None = None,
+    class_embedding_twice: bool = False,
+    pos_interpolation: str = "bilinear",
+    fpn_channels: int = 256,
+    head_channels: int | None = None,
+) -> PPLSegmentor:
+    """Build a PPL segmentor (see :func:`~clipdense.models.registry.create_model` and
+    :func:`~clipdense.models.segmentors.build_denseclip` for the common arguments).
+
+    Args:
+        num_attributes: K attribute prompts (3).
+        ctx_init_std: Std of the Gaussian prompt init (0.02, CoOp's).
+        n_samples: N samples per class (15; a multiple of K).
+        alpha, beta: Weights of L_div (1.0) and L_KL (1e-5).
+        use_pixel_loss, use_prob_loss, use_div_loss, use_kl_loss: Loss switches (paper Table 4).
+        sigma_type: ``"isotropic"`` or ``"diagonal"``; positivity: ``"exp"`` or ``"softplus"``;
+            log_var_init, log_var_range: see :class:`ProbabilisticDecoder`.
+        prob_decoder_width, prob_decoder_heads, prob_decoder_layers: Probabilistic decoder size (256, 4, 5).
+        post_model_context: Also apply DenseCLIP's post-model context update to the means (default
+            False: mu = w, as the paper's eq. 6).
+        context_decoder_layers: Layers of that context decoder (3).
+        decoder_dropout: Dropout of the probabilistic/context decoders; default ``dropout``.
+        mc_inference, eval_seed: See :class:`PPLSegmentor`.
+    """
+    class_names = check_classes(class_names, num_classes, need_names=True)
+    loaded = load_clip(clip_model, pretrained)
+    k = len(class_names)
+    backbone = clip_backbone(
+        loaded.model.visual, True, input_resolution, drop_path, out_indices, class_embedding_twice, pos_interpolation
+    )
+    text_encoder, prob_decoder, context_decoder = ppl_text_side(
+        loaded,
+        class_names,
+        backbone.embed_dim,
+        num_attributes=num_attributes,
+        n_ctx=n_ctx,
+        class_context_length=class_context_length,
+        ctx_init_std=ctx_init_std,
+        sigma_type=sigma_type,
+        positivity=positivity,
+        log_var_init=log_var_init,
+        log_var_range=log_var_range,
+        prob_decoder_width=prob_decoder_width,
+        prob_decoder_heads=prob_decoder_heads,
+        prob_decoder_layers=prob_decoder_layers,
+        post_model_context=post_model_context,
+        context_decoder_layers=context_decoder_layers,
+        dropout=dropout if decoder_dropout is None else decoder_dropout,
+    )
+    index = dense_level_index(backbone)
+    in_channels = list(backbone.out_channels)
+    in_channels[index] += k
+    neck, head = build_decoder(decoder, in_channels, k, fpn_channels, head_channels, dropout)
+    return PPLSegmentor(
+        backbone,
+        text_encoder,
+        prob_decoder,
+        neck,
+        head,
+        class_names,
+        context_decoder=context_decoder,
+        n_samples=n_samples,
+        tau=tau,
+        alpha=alpha,
+        beta=beta,
+        pixel_weight=pixel_weight,
+        use_pixel_loss=use_pixel_loss,
+        use_prob_loss=use_prob_loss,
+        use_div_loss=use_div_loss,
+        use_kl_loss=use_kl_loss,
+        normalize_div=normalize_div,
+        mc_inference=mc_inference,
+        eval_seed=eval_seed,
+        score_concat_index=index,
+    )
+
+
+@register_model
+def ppl_fpn_rn50(**kw) -> PPLSegmentor:
+    """PPL + Semantic FPN, CLIP RN50 (ADE20K: 44.7 mIoU; paper: 51.8M params, 421.4 GFLOPs)."""
+    return build_ppl(**with_defaults(dict(clip_model="RN50", input_resolution=512), kw))
+
+
+@register_model
+def ppl_fpn_rn101(**kw) -> PPLSegmentor:
+    """PPL + Semantic FPN, CLIP RN101 (ADE20K: 46.4 mIoU)."""
+    return build_ppl(**with_defaults(dict(clip_model="RN101", input_resolution=512), kw))
+
+
+@register_model
+def ppl_fpn_vitb16(**kw) -> PPLSegmentor:
+    """PPL + Semantic FPN, CLIP ViT-B/16, 640 crops, drop path 0.1 (ADE20K: 51.6 mIoU)."""
+    return build_ppl(**with_defaults(dict(clip_model="ViT-B-16", input_resolution=640, drop_path=0.1), kw))
+
+
 __all__ = [
     "POSITIVITY",
     "SIGMA_TYPES",
@@ -604,9 +797,11 @@ __all__ = [
     "PPLGuidance",
     "PPLSegmentor",
     "ProbabilisticDecoder",
+    "build_ppl",
     "diversity_loss",
     "gaussian_kl",
     "mc_pixel_nll",
+    "ppl_text_side",
     "sample_mixture",
     "uncertainty_weighted",
 ]

@@ -1,1 +1,1 @@
-"""Training scripts (e.g. contrastive pre-training of ShapesCLIP on ShapesWorld: ``clip_pretrain``)."""
+"""Training: the segmentation/detection ``engine``, ShapesCLIP ``clip_pretrain`` and their ``loop`` toolkit."""

@@ -13,10 +13,10 @@ learns colour and shape as if from class labels), then the full scenes' captions
 tower (LiT), then both towers together.
 
 The run is seeded (python, numpy, torch, data order) and resumable: ``out_dir/last.pt`` holds the model,
-optimizer, scheduler, step and RNG states and is written atomically every ``ckpt_every`` steps. Starting
-the same command again continues from it; on CPU the losses then match an uninterrupted run exactly
-(on GPU up to non-deterministic kernels). ``--stop-at-step`` / ``--time-limit-min`` end a run early
-with a checkpoint, to split training across time-limited sessions.
+optimizer, scheduler, step and RNG states and is written atomically every ``ckpt_every`` steps (through
+:mod:`clipdense.training.loop`). Starting the same command again continues from it; on CPU the losses
+then match an uninterrupted run exactly (on GPU up to non-deterministic kernels). ``--stop-at-step`` /
+``--time-limit-min`` end a run early with a checkpoint, to split training across time-limited sessions.
 
 Outputs in ``out_dir``: ``train.log``, ``metrics.jsonl`` (one JSON object per logged step, plus an
 ``"event": "eval"`` line with the final zero-shot accuracy and training-free mIoU), ``last.pt``, and at the
@@ -32,14 +32,13 @@ loads the weights strictly.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import functools
 import itertools
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,10 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
 from clipdense.data.shapesworld import (
     CLIP_SEED_OFFSET,
@@ -60,6 +57,16 @@ from clipdense.data.shapesworld import (
 )
 from clipdense.evaluation.shapesworld import zero_shot_accuracy
 from clipdense.fileio import atomic_write, atomic_write_text
+from clipdense.training.loop import (
+    RunLog,
+    capture_state,
+    check_resume,
+    load_state,
+    restore_state,
+    save_state,
+    seed_everything,
+    seed_worker,
+)
 
 __all__ = [
     "MODEL_CONFIG_PATH",
@@ -349,47 +356,9 @@ class _Collate:
         return torch.stack(images), self.tokenizer(list(captions))
 
 
-def _worker_init(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        # numpy's key array as a tensor, so that the checkpoint loads with weights_only=True
-        "numpy": tuple(torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v for v in np.random.get_state()),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -409,19 +378,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         exclude = param.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale", "embedding"))
         (no_decay if exclude else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops metric lines logged after ``step`` (by an interrupted run) to match the resume point."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _save_final(model: torch.nn.Module, cfg: PretrainConfig, model_cfg: dict[str, Any], out: Path) -> Path:
@@ -448,31 +404,6 @@ def _save_final(model: torch.nn.Module, cfg: PretrainConfig, model_cfg: dict[str
     }
     atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return weights
-
-
-def train(cfg: PretrainConfig) -> PretrainResult:
-    """Runs (or resumes) contrastive pre-training. See the module docstring for outputs.
-
-    Args:
-        cfg: Training configuration.
-
-    Returns:
-        A :class:`PretrainResult`.
-    """
-    from open_clip.loss import ClipLoss
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    try:
-        return _train(cfg, out, ClipLoss())
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
 
 
 def _cache_dir(cfg: PretrainConfig) -> Path:
@@ -512,11 +443,21 @@ def _streams(cfg: PretrainConfig, cache_dir: Path | None) -> list[_Stream]:
     return streams
 
 
-def _train(cfg: PretrainConfig, out: Path, loss_fn: torch.nn.Module) -> PretrainResult:
+def train(cfg: PretrainConfig) -> PretrainResult:
+    """Runs (or resumes) contrastive pre-training. See the module docstring for outputs.
+
+    Args:
+        cfg: Training configuration.
+
+    Returns:
+        A :class:`PretrainResult`.
+    """
+    from open_clip.loss import ClipLoss
+
     device = _resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model_cfg = resolve_model_config(cfg)
     model = create_model(cfg, model_cfg).to(device)
     if cfg.channels_last:
@@ -535,92 +476,69 @@ def _train(cfg: PretrainConfig, out: Path, loss_fn: torch.nn.Module) -> Pretrain
         anneal_strategy="cos",
         cycle_momentum=False,
     )
-    metrics_path, ckpt_path = out / "metrics.jsonl", out / CHECKPOINT_NAME
-
-    step = 0
+    out = Path(cfg.out_dir)
+    ckpt_path, parts = out / CHECKPOINT_NAME, {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    resume_step = None
     if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = ckpt["config"]
-        mismatched = [k for k in _RESUME_KEYS if saved.get(k) != asdict(cfg)[k]]
-        if mismatched:
-            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {asdict(cfg)[k]!r}" for k in mismatched)
-            raise ValueError(
-                f"Cannot resume from {ckpt_path}: the config differs ({details}). Use the original settings, "
-                "another --out folder, or --no-resume to start over."
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step = int(ckpt["step"])
-        _set_rng_state(ckpt["rng"])
-        _truncate_metrics(metrics_path, step)
-        logger.info("resumed from %s at step %d", ckpt_path, step)
-    else:
-        if metrics_path.exists():
-            metrics_path.unlink()
-        logger.info("starting %s: %s", cfg.model_name, json.dumps(asdict(cfg)))
-    logger.info(
-        "model: %.2fM parameters on %s, config %s",
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        device,
-        json.dumps(model_cfg),
-    )
+        ckpt = load_state(ckpt_path)
+        hint = "Use the original settings, another --out folder, or --no-resume to start over."
+        check_resume(ckpt["config"], {k: asdict(cfg)[k] for k in _RESUME_KEYS}, ckpt_path, hint=hint)
+        resume_step = restore_state(ckpt, **parts)
+    step = resume_step or 0
 
     def save_checkpoint(at_step: int) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": at_step,
-            "rng": _rng_state(),
-            "config": asdict(cfg),
-            "model_cfg": model_cfg,
-        }
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+        state = {**capture_state(at_step, **parts), "config": asdict(cfg), "model_cfg": model_cfg}
+        save_state(ckpt_path, state)
         logger.info("saved checkpoint at step %d", at_step)
 
-    losses: list[tuple[int, float]] = []
-    cache_dir = _cache_dir(cfg) if cfg.cache else None
-    if step < cfg.steps:
-        streams = _streams(cfg, cache_dir)
+    with RunLog(out, logger, resume_step) as log:
+        if resume_step is None:
+            logger.info("starting %s: %s", cfg.model_name, json.dumps(asdict(cfg)))
+        else:
+            logger.info("resumed from %s at step %d", ckpt_path, step)
+        millions = sum(p.numel() for p in model.parameters()) / 1e6
+        logger.info("model: %.2fM parameters on %s, config %s", millions, device, json.dumps(model_cfg))
+        losses: list[tuple[int, float]] = []
+        cache_dir = _cache_dir(cfg) if cfg.cache else None
+        if step < cfg.steps:
+            batches_at = functools.partial(_batches_at, cfg, _streams(cfg, cache_dir), tokenizer, device)
+            losses = _loop(cfg, model, optimizer, scheduler, ClipLoss(), batches_at, device, step, log, save_checkpoint)
+            step = losses[-1][0] if losses else step
+        if step < cfg.steps:
+            return PretrainResult(step=step, finished=False, losses=losses)
 
-        def batches_at(at_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            """Batches from ``at_step`` to the end of the stream that holds it."""
-            stream = next(s for s in streams if s.start <= at_step < s.stop)
-            loader = DataLoader(
-                stream.dataset,
-                batch_size=cfg.batch_size,
-                sampler=_StreamSampler(len(stream.dataset), cfg.seed, start=(at_step - stream.start) * cfg.batch_size),
-                num_workers=cfg.workers,
-                collate_fn=_Collate(tokenizer),
-                pin_memory=device.type == "cuda",
-                drop_last=True,
-                worker_init_fn=_worker_init,
-                generator=torch.Generator().manual_seed(cfg.seed),
-                prefetch_factor=4 if cfg.workers > 0 else None,
-            )
-            return itertools.islice(loader, stream.stop - at_step)
+        weights = _save_final(model, cfg, resolve_model_config(cfg), out)
+        logger.info("saved final weights to %s", weights)
+        if cache_dir is not None and cfg.cache_dir is None and cache_dir.exists():
+            shutil.rmtree(cache_dir)  # the default cache lives in the run folder and is only needed for training
+            logger.info("removed the scene cache %s", cache_dir)
+        result = PretrainResult(step=step, finished=True, losses=losses, weights_path=weights)
+        if cfg.eval_images > 0 or cfg.eval_scenes > 0:
+            _evaluate_saved(cfg, out, device, result)
+            record = {"event": "eval", "step": step, "zero_shot_accuracy": result.zero_shot_accuracy}
+            record.update({"images": cfg.eval_images, "scenes": cfg.eval_scenes, "miou_objects": result.miou_objects})
+            log.write(record)
+        return result
 
-        losses = _loop(
-            cfg, model, optimizer, scheduler, loss_fn, batches_at, device, step, metrics_path, save_checkpoint
-        )
-        step = losses[-1][0] if losses else step
 
-    if step < cfg.steps:
-        return PretrainResult(step=step, finished=False, losses=losses)
-
-    weights = _save_final(model, cfg, resolve_model_config(cfg), out)
-    logger.info("saved final weights to %s", weights)
-    if cache_dir is not None and cfg.cache_dir is None and cache_dir.exists():
-        shutil.rmtree(cache_dir)  # the default cache lives in the run folder and is only needed for training
-        logger.info("removed the scene cache %s", cache_dir)
-    result = PretrainResult(step=step, finished=True, losses=losses, weights_path=weights)
-    if cfg.eval_images > 0 or cfg.eval_scenes > 0:
-        _evaluate_saved(cfg, out, device, result)
-        record = {"event": "eval", "step": step, "zero_shot_accuracy": result.zero_shot_accuracy}
-        record.update({"images": cfg.eval_images, "scenes": cfg.eval_scenes, "miou_objects": result.miou_objects})
-        _append_metrics(metrics_path, record)
-    return result
+def _batches_at(
+    cfg: PretrainConfig, streams: list[_Stream], tokenizer, device: torch.device, at_step: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches from ``at_step`` to the end of the stream that holds it."""
+    stream = next(s for s in streams if s.start <= at_step < s.stop)
+    loader = DataLoader(
+        stream.dataset,
+        batch_size=cfg.batch_size,
+        sampler=_StreamSampler(len(stream.dataset), cfg.seed, start=(at_step - stream.start) * cfg.batch_size),
+        num_workers=cfg.workers,
+        collate_fn=_Collate(tokenizer),
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    return itertools.islice(loader, stream.stop - at_step)
 
 
 def _evaluate_saved(cfg: PretrainConfig, out: Path, device: torch.device, result: PretrainResult) -> None:
@@ -663,8 +581,8 @@ def _loop(
     batches_at: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
     device: torch.device,
     step: int,
-    metrics_path: Path,
-    save_checkpoint,
+    log: RunLog,
+    save_checkpoint: Callable[[int], None],
 ) -> list[tuple[int, float]]:
     """Optimizes from ``step`` until done or stopped; checkpoints on the way. Returns (step, loss) pairs."""
     losses: list[tuple[int, float]] = []
@@ -673,11 +591,10 @@ def _loop(
     last_step = step
     max_logit_scale = math.log(100.0)
     stop_at = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step is not None else cfg.steps
-    bar = tqdm(total=cfg.steps, initial=step, desc="ShapesCLIP pretrain", unit="step", dynamic_ncols=True)
     batches = batches_at(step)
     boundaries = {0: "one-object warm-up, text transformer locked", cfg.phases()[0]: "image tower locked",
                   cfg.phases()[1]: "both towers train"}  # fmt: skip
-    try:
+    with log.progress(cfg.steps, step, "ShapesCLIP pretrain") as bar:
         while step < stop_at:
             _set_phase(model, cfg, step)
             if step in boundaries and (step > 0 or cfg.phases()[0] > 0):
@@ -691,7 +608,7 @@ def _loop(
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             texts = texts.to(device, non_blocking=True)
-            with _autocast(device, cfg.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16):
                 image_features, text_features, logit_scale = model(images, texts)
                 loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)
@@ -708,7 +625,7 @@ def _loop(
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"Loss became {value} at step {step}; lower --lr or check the data. "
-                    f"The last good checkpoint is {metrics_path.parent / CHECKPOINT_NAME}."
+                    f"The last good checkpoint is {log.out_dir / CHECKPOINT_NAME}."
                 )
             losses.append((step, value))
             bar.update(1)
@@ -723,8 +640,7 @@ def _loop(
                     "samples_per_s": (step - last_step) * cfg.batch_size / max(now - last_time, 1e-9),
                     "elapsed_s": now - start_time,
                 }
-                _append_metrics(metrics_path, record)
-                logger.info(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                log.write(record)
                 last_time, last_step = now, step
             out_of_time = cfg.time_limit_min is not None and time.monotonic() - start_time > 60.0 * cfg.time_limit_min
             if step % cfg.ckpt_every == 0 or step == stop_at or out_of_time:
@@ -732,8 +648,6 @@ def _loop(
             if out_of_time:
                 logger.info("time limit of %.1f min reached at step %d; stopping", cfg.time_limit_min, step)
                 break
-    finally:
-        bar.close()
     return losses
 
 

@@ -9,14 +9,14 @@ continue bit for bit where a stopped one left off:
 * each sample's augmentation is seeded by (seed, epoch, index) (:class:`SeededSamples`), so it
   does not depend on workers, ranks or what was loaded before;
 * model, optimiser, scheduler, gradient scaler and RNG states are saved together in a step
-  folder, and a ``latest`` pointer is replaced atomically only after the folder is complete.
+  folder, and a ``latest`` pointer is replaced atomically only after the folder is complete
+  (RNG, resume checks and logging come from :mod:`clipdense.training.loop`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -28,17 +28,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from clipdense.config import ExperimentConfig, save_config
 from clipdense.data.datasets import DETECTION_DATASET
-from clipdense.fileio import atomic_write
-from clipdense.runs import latest_checkpoint, load_weights, save_checkpoint
+from clipdense.fileio import atomic_write_json
+from clipdense.runs import build_eval_dataset, is_detection, latest_checkpoint, load_weights, save_checkpoint
+from clipdense.training.loop import (
+    RunLog,
+    capture_state,
+    check_resume,
+    load_state,
+    restore_state,
+    seed_everything,
+    seed_worker,
+)
 
 logger = logging.getLogger("clipdense.train")
 
-# Config sections that may change between a run and its resume without changing the trajectory.
-_RESUME_FREE = {("train", "log_every"), ("train", "ckpt_every"), ("train", "eval_every"), ("data", "workers")}
+# The config sections a resume must match, except the keys that do not change the trajectory.
+_RESUME_SECTIONS = ("model", "data", "optim", "train")
+_RESUME_FREE = {"train.log_every", "train.ckpt_every", "train.eval_every", "data.workers", "model.class_names"}
 
 
 # ------------------------------------------------------------------------------------------- data order
@@ -162,9 +171,6 @@ def lr_factor(step: int, cfg, total: int, base_lr: float, milestones: Sequence[i
     return lr / base_lr
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-
-
 # ------------------------------------------------------------------------------------------- setup
 
 
@@ -192,32 +198,16 @@ def _freeze_bn(model: nn.Module) -> None:
 def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     import yaml
 
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
+    if not (run_dir / "config.yaml").is_file():
         return
-    saved = yaml.safe_load(saved_path.read_text())
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     now = json.loads(json.dumps(cfg.to_dict()))
-    diffs = []
-    for section in ("model", "data", "optim", "train"):
-        for key, value in now[section].items():
-            if (section, key) in _RESUME_FREE or (section, key) == ("model", "class_names"):
-                continue
-            old = saved.get(section, {}).get(key)
-            if json.loads(json.dumps(old)) != value:
-                diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
-    if diffs:
-        raise ValueError(
-            f"cannot resume {run_dir}: the config changed ({'; '.join(diffs)}). Resume with the same settings "
-            "or start a new run directory."
-        )
+    flat = lambda c: {f"{s}.{k}": v for s in _RESUME_SECTIONS for k, v in c.get(s, {}).items()}  # noqa: E731
+    hint = "Resume with the same settings or start a new run directory."
+    check_resume(flat(saved), flat(now), run_dir, free=_RESUME_FREE, hint=hint)
 
 
 # ------------------------------------------------------------------------------------------- data
-
-
-def is_detection(cfg: ExperimentConfig) -> bool:
-    """Whether the config trains a detector (``data.dataset: coco``, the COCO instances layout)."""
-    return cfg.data.dataset == DETECTION_DATASET
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -255,20 +245,6 @@ def _training_data(cfg: ExperimentConfig, detection: bool):
     return dataset, collate_skip_none
 
 
-def build_eval_dataset(cfg: ExperimentConfig, root: str | None = None, split: str | None = None):
-    """The validation dataset of a config (segmentation: no transform; detection: every image, original size)."""
-    name, root, split = cfg.data.dataset, root or cfg.data.root, split or cfg.data.val_split
-    if name == DETECTION_DATASET:
-        from clipdense.data.detection import build_detection_dataset, build_detection_eval_transform
-
-        return build_detection_dataset(
-            root, split, with_masks=cfg.data.with_masks, filter_empty=False, transform=build_detection_eval_transform()
-        )
-    from clipdense.data.datasets import build_dataset
-
-    return build_dataset(name, root, split)
-
-
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -301,7 +277,7 @@ def train(
     if ckpt is not None:
         _check_resume_config(run_dir, cfg)
 
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     detection = is_detection(cfg)
     dataset, collate = _training_data(cfg, detection)
     cfg.model.class_names = list(dataset.class_names)
@@ -337,184 +313,145 @@ def train(
     )
     precision = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
+    parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
 
     step, skipped_total = 0, 0
     if ckpt is not None:
         load_weights(model, ckpt / "model.safetensors")
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        step, skipped_total = int(state["step"]), int(state.get("skipped", 0))
+        state = load_state(ckpt / "state.pt")
+        step, skipped_total = restore_state(state, **parts), int(state.get("skipped", 0))
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def checkpoint() -> Path:
+        return save_checkpoint(run_dir, model, {**capture_state(step, **parts), "skipped": skipped_total}, step)
+
+    def result(finished: bool) -> dict[str, Any]:
+        return dict(step=step, finished=finished, losses=losses_seen, run_dir=str(run_dir), skipped=skipped_total)
 
     global_batch = cfg.train.batch_size * world
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        atomic_write(
-            run_dir / "run_info.json",
-            lambda tmp: tmp.write_text(
-                json.dumps(
-                    {
-                        "world_size": world,
-                        "batch_size_per_process": cfg.train.batch_size,
-                        "global_batch_size": global_batch,
-                        "total_iters": total_iters,
-                        "steps_per_epoch": steps_per_epoch,
-                        "device": str(device),
-                        "start_step": step,
-                    },
-                    indent=2,
-                )
-            ),
-        )
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = not progress  # with a progress bar the details go to train.log only
-        logger.info(
-            "%s: global batch %d (%d x %d processes) on %s, from step %d",
-            cfg.name,
-            global_batch,
-            cfg.train.batch_size,
-            world,
-            device,
-            step,
-        )
-        print(f"global batch size {global_batch} ({cfg.train.batch_size} per process x {world})")
-        if detection:  # what the annotation checks clipped, dropped or skipped: in train.log, and shown if any
-            from clipdense.data.detection import ANNOTATION_PROBLEMS
-
-            summary = dataset.describe_problems()
-            logger.info("%s", summary)
-            if any(dataset.annotation_report[k] for k in ANNOTATION_PROBLEMS):
-                print(summary)
-
-    samples = SeededSamples(SkipBadSamples(dataset, skip=cfg.data.skip_bad), cfg.train.seed)
-    sampler = StepSampler(len(dataset), cfg.train.batch_size, rank, world, cfg.train.seed, start_step=step)
-    loader = DataLoader(
-        samples,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        num_workers=cfg.data.workers,
-        collate_fn=collate,
-        persistent_workers=cfg.data.workers > 0,
-        generator=torch.Generator().manual_seed(cfg.train.seed),  # leaves the global RNG (dropout) alone
-    )
-    writer = _tensorboard(run_dir) if main_process else None
-    metrics_path = run_dir / "metrics.jsonl"
-    if main_process and ckpt is None and metrics_path.exists():
-        metrics_path.unlink()
-    if main_process and ckpt is not None:
-        _truncate_metrics(metrics_path, step)
-
-    def state_dict() -> dict[str, Any]:
-        return {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "skipped": skipped_total,
+        info = {
+            "world_size": world,
+            "batch_size_per_process": cfg.train.batch_size,
+            "global_batch_size": global_batch,
+            "total_iters": total_iters,
+            "steps_per_epoch": steps_per_epoch,
+            "device": str(device),
+            "start_step": step,
         }
-
-    stop = {"signal": None}
-    previous = (
-        {s: signal.signal(s, lambda n, f: stop.update(signal=n)) for s in (signal.SIGTERM,)} if main_process else {}
-    )
-    losses_seen: list[float] = []
-    model.train()
-    if cfg.train.freeze_bn:
-        _freeze_bn(model)
-    bar = tqdm(total=total_iters, initial=step, desc=cfg.name, unit="it", disable=not (progress and main_process))
-    tic = time.perf_counter()
-    data_iter = iter(loader)
-    try:
-        while step < total_iters:
-            batch = next(data_iter)
-            skipped_total += _all_reduce_int(batch["skipped"], world)
-            if batch["images" if detection else "image"] is None:
-                raise ValueError(
-                    "a whole batch was skipped as bad samples; check the dataset (clipdense check-dataset)"
-                )
-            with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                if detection:  # torchvision detectors compute their losses in forward
-                    images = [im.to(device, non_blocking=True) for im in batch["images"]]
-                    targets = [{k: _to(v, device) for k, v in t.items()} for t in batch["targets"]]
-                    losses = ddp(images, targets)
-                else:
-                    images = batch["image"].to(device, non_blocking=True)
-                    labels = batch["label"].to(device, non_blocking=True)
-                    losses = model.losses(ddp(images), labels)
-                loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr or use fp32")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            losses_seen.append(loss.item())
-            bar.update(1)
-            if main_process and (step % cfg.train.log_every == 0 or step == total_iters):
-                elapsed = time.perf_counter() - tic
-                record = {
-                    "step": step,
-                    "loss": loss.item(),
-                    **{k: v.item() for k, v in losses.items()},
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": global_batch * cfg.train.log_every / elapsed,
-                    "skipped": skipped_total,
-                }
-                tic = time.perf_counter()
-                _log(metrics_path, writer, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if step % cfg.train.ckpt_every == 0 or step == total_iters:
-                if main_process:
-                    save_checkpoint(run_dir, model, state_dict(), step)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_iters and main_process:
-                _evaluate_during_training(model, cfg, device, metrics_path, writer, step)
-            if stop["signal"] is not None or (stop_after is not None and step >= stop_after):
-                raise _Stop()
-    except (KeyboardInterrupt, _Stop):
+        atomic_write_json(run_dir / "run_info.json", info, indent=2)
+    resume_step = step if ckpt is not None else None
+    log = RunLog(run_dir, logger, resume_step, tensorboard=True, quiet=progress, enabled=main_process)
+    with log:
         if main_process:
-            folder = save_checkpoint(run_dir, model, state_dict(), step)
-            logger.info("stopped at step %d; checkpoint %s; continue with --resume", step, folder)
-            print(f"stopped at step {step}: checkpoint saved to {folder}; continue with --resume")
-        return {
-            "step": step,
-            "finished": False,
-            "losses": losses_seen,
-            "run_dir": str(run_dir),
-            "skipped": skipped_total,
-        }
-    finally:
-        bar.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if writer is not None:
-            writer.close()
-        for h in list(logger.handlers):
-            if isinstance(h, logging.FileHandler):
-                logger.removeHandler(h)
-                h.close()
-        logger.propagate = True
-    if skipped_total and main_process:
-        print(f"skipped {skipped_total} bad samples in total (see train.log)")
-    if main_process and cfg.train.eval_every:
-        _evaluate_during_training(model, cfg, device, metrics_path, None, step)
+            message = "%s: global batch %d (%d x %d processes) on %s, from step %d"
+            logger.info(message, cfg.name, global_batch, cfg.train.batch_size, world, device, step)
+            print(f"global batch size {global_batch} ({cfg.train.batch_size} per process x {world})")
+            if detection:  # what the annotation checks clipped, dropped or skipped: in train.log, and shown if any
+                from clipdense.data.detection import ANNOTATION_PROBLEMS
+
+                summary = dataset.describe_problems()
+                logger.info("%s", summary)
+                if any(dataset.annotation_report[k] for k in ANNOTATION_PROBLEMS):
+                    print(summary)
+
+        samples = SeededSamples(SkipBadSamples(dataset, skip=cfg.data.skip_bad), cfg.train.seed)
+        sampler = StepSampler(len(dataset), cfg.train.batch_size, rank, world, cfg.train.seed, start_step=step)
+        loader = DataLoader(
+            samples,
+            batch_size=cfg.train.batch_size,
+            sampler=sampler,
+            num_workers=cfg.data.workers,
+            collate_fn=collate,
+            persistent_workers=cfg.data.workers > 0,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(cfg.train.seed),  # leaves the global RNG (dropout) alone
+        )
+        losses_seen: list[float] = []
+        evaluate = main_process and bool(cfg.train.eval_every)
+        model.train()
+        if cfg.train.freeze_bn:
+            _freeze_bn(model)
+        tic = time.perf_counter()
+        data_iter = iter(loader)
+        stop = {"signal": None}
+        previous = signal.signal(signal.SIGTERM, lambda n, f: stop.update(signal=n)) if main_process else None
+        with log.progress(total_iters, step, cfg.name, show=progress) as bar:
+            try:
+                while step < total_iters:
+                    batch = next(data_iter)
+                    skipped_total += _all_reduce_int(batch["skipped"], world)
+                    if batch["images" if detection else "image"] is None:
+                        raise ValueError(
+                            "a whole batch was skipped as bad samples; check the dataset (clipdense check-dataset)"
+                        )
+                    losses, loss = _forward(ddp, model, batch, detection, device, precision)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr or use fp32")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.optim.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip
+                        )
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    step += 1
+                    losses_seen.append(loss.item())
+                    bar.update(1)
+                    if main_process and (step % cfg.train.log_every == 0 or step == total_iters):
+                        elapsed = time.perf_counter() - tic
+                        record = {
+                            "step": step,
+                            "loss": loss.item(),
+                            **{k: v.item() for k, v in losses.items()},
+                            "lr": optimizer.param_groups[0]["lr"],
+                            "images_per_s": global_batch * cfg.train.log_every / elapsed,
+                            "skipped": skipped_total,
+                        }
+                        tic = time.perf_counter()
+                        log.write(record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    if (step % cfg.train.ckpt_every == 0 or step == total_iters) and main_process:
+                        checkpoint()
+                    if evaluate and step % cfg.train.eval_every == 0 and step < total_iters:
+                        _evaluate_during_training(model, cfg, device, log, step)
+                    if stop["signal"] is not None or (stop_after is not None and step >= stop_after):
+                        raise _Stop()
+            except (KeyboardInterrupt, _Stop):
+                if main_process:
+                    folder = checkpoint()
+                    logger.info("stopped at step %d; checkpoint %s; continue with --resume", step, folder)
+                    print(f"stopped at step {step}: checkpoint saved to {folder}; continue with --resume")
+                return result(finished=False)
+            finally:
+                if main_process:
+                    signal.signal(signal.SIGTERM, previous)
+        if skipped_total and main_process:
+            print(f"skipped {skipped_total} bad samples in total (see train.log)")
+        if evaluate:
+            _evaluate_during_training(model, cfg, device, log, step)
     if world > 1:
         dist.barrier()
-    return {"step": step, "finished": True, "losses": losses_seen, "run_dir": str(run_dir), "skipped": skipped_total}
+    return result(finished=True)
+
+
+def _forward(ddp, model, batch, detection: bool, device: torch.device, precision) -> tuple[dict, torch.Tensor]:
+    """The losses of one batch (under autocast) and their sum."""
+    with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+        if detection:  # torchvision detectors compute their losses in forward
+            images = [im.to(device, non_blocking=True) for im in batch["images"]]
+            targets = [{k: _to(v, device) for k, v in t.items()} for t in batch["targets"]]
+            losses = ddp(images, targets)
+        else:
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            losses = model.losses(ddp(images), labels)
+        return losses, sum(losses.values())
 
 
 def _all_reduce_int(value: int, world: int) -> int:
@@ -525,32 +462,7 @@ def _all_reduce_int(value: int, world: int) -> int:
     return int(t.item())
 
 
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.info("tensorboard is not installed: logging to metrics.jsonl only")
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _log(path: Path, writer, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                writer.add_scalar(key, value, record["step"])
-    logger.info(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if path.exists():
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
-
-
-def _evaluate_during_training(model, cfg, device, metrics_path, writer, step) -> None:
+def _evaluate_during_training(model, cfg, device, log: RunLog, step: int) -> None:
     try:
         val = build_eval_dataset(cfg)
     except FileNotFoundError as e:
@@ -573,4 +485,4 @@ def _evaluate_during_training(model, cfg, device, metrics_path, writer, step) ->
     model.train()
     if cfg.train.freeze_bn:
         _freeze_bn(model)
-    _log(metrics_path, writer, record)
+    log.write(record)

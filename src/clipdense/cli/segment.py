@@ -1,0 +1,135 @@
+"""``clipdense segment`` and ``clipdense detect``: label images, training-free or with a trained run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clipdense.cli.common import (
+    OFFLINE_MODEL,
+    CLIError,
+    add_device_arg,
+    add_model_args,
+    build_predictor,
+    check_images,
+    write_json,
+    write_png,
+)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``segment`` and ``detect``."""
+    p = sub.add_parser("segment", help="segment images into classes named in words (no training)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--classes", help="comma-separated classes ('cat, grass, sky'); ';' separates classes with synonyms")
+    p.add_argument("--classes-file", help="text file, one class per line (comma-separated synonyms)")
+    p.add_argument("--out", default="outputs", help="output folder")
+    p.add_argument("--checkpoint", default=None, help="a `clipdense train` run directory (trained model)")
+    p.add_argument("--uncertainty", action="store_true", help="PPL checkpoints: also write <name>_uncertainty.png")
+    add_model_args(p, default_model=OFFLINE_MODEL)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("detect", help="detect objects with a trained detector: boxes (and masks) with class names")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", required=True, help="a `clipdense train` detection run directory")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="keep detections scoring at least this")
+    p.add_argument("--out", default="outputs", help="output folder")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_detect)
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    """Per image: ``<name>_overlay.png``, ``<name>_labels.png``, ``<name>.json`` (and ``<name>_uncertainty.png``)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from clipdense.data.classnames import parse_class_list, read_class_file
+    from clipdense.inference import TrainedPredictor, read_image
+    from clipdense.visualize import heatmap, overlay
+
+    if args.uncertainty and args.checkpoint is None:
+        raise CLIError("--uncertainty needs a trained PPL model: add --checkpoint RUN_DIR")
+    if args.checkpoint is not None:
+        images = check_images(args.images)
+        predictor = TrainedPredictor.from_run(args.checkpoint, args.device)
+        names = predictor.class_names
+        if args.classes is not None or args.classes_file is not None:  # open-vocabulary models (MaskCLIP+)
+            classes = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
+            names = predictor.set_classes(classes)
+    else:
+        if (args.classes is None) == (args.classes_file is None):
+            raise CLIError("give the classes either with --classes 'cat, grass, sky' or with --classes-file FILE")
+        classes = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
+        images = check_images(args.images)
+        predictor = build_predictor(args)
+        names = predictor.set_classes(classes)
+        clip = predictor.clip
+        used = f"{clip.name} ({clip.pretrained or 'random weights'})"
+        if clip.description:
+            used += f": {clip.description}"
+        if args.model is None:
+            used += "; --model/--pretrained choose another CLIP"
+        print(f"model: {used}")
+    out_dir = Path(args.out)
+    for path in tqdm(images, desc="segment", unit="img", disable=len(images) < 2):
+        image = read_image(path)
+        predictor.set_image(image)
+        seg = predictor.predict(uncertainty=True) if args.uncertainty else predictor.predict()
+        labels = seg.labels.numpy().astype(np.uint8 if len(names) <= 256 else np.uint16)
+        picture = overlay(image, seg.labels, names)
+        report = {
+            "image": str(path),
+            "size": list(seg.labels.shape),
+            "classes": names,
+            "areas": seg.areas(),
+            "settings": predictor.describe(),
+        }
+        if seg.uncertainty is not None:
+            report["uncertainty"] = {
+                "image": float(seg.class_sigma.log().mean().exp()),  # geometric mean of the class sigmas
+                "class_sigma": dict(zip(names, seg.class_sigma.tolist(), strict=True)),
+                "pixel_mean_entropy": float(seg.uncertainty.mean()),
+            }
+            write_png(
+                out_dir / f"{path.stem}_uncertainty.png", heatmap(seg.uncertainty, vmax=float(np.log(len(names))))
+            )
+        write_png(out_dir / f"{path.stem}_overlay.png", picture)
+        write_png(out_dir / f"{path.stem}_labels.png", labels)
+        write_json(out_dir / f"{path.stem}.json", report)
+        if len(images) == 1:
+            present = {n: a["fraction"] for n, a in report["areas"].items() if a["pixels"]}
+            print(f"{path}: " + ", ".join(f"{n} {100 * f:.1f}%" for n, f in present.items()))
+    print(f"wrote {(4 if args.uncertainty else 3) * len(images)} files to {out_dir}")
+
+
+def cmd_detect(args: argparse.Namespace) -> None:
+    """Per image: ``<name>_detections.png`` and ``<name>.json`` (class, score, box, mask area)."""
+    from tqdm import tqdm
+
+    from clipdense.inference import DetectionPredictor, read_image
+    from clipdense.visualize import draw_detections
+
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise CLIError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    images = check_images(args.images)
+    predictor = DetectionPredictor.from_run(args.checkpoint, args.device)
+    out_dir = Path(args.out)
+    for path in tqdm(images, desc="detect", unit="img", disable=len(images) < 2):
+        image = read_image(path)
+        predictor.set_image(image)
+        found = predictor.predict(score_threshold=args.score_threshold)
+        report = {
+            "image": str(path),
+            "size": list(image.shape[1:]),
+            "score_threshold": args.score_threshold,
+            "detections": found.to_list(),
+        }
+        write_png(out_dir / f"{path.stem}_detections.png", draw_detections(image, found))
+        write_json(out_dir / f"{path.stem}.json", report)
+        if len(images) == 1:
+            counts: dict[str, int] = {}
+            for d in report["detections"]:
+                counts[d["class"]] = counts.get(d["class"], 0) + 1
+            listed = ", ".join(f"{n} x{c}" for n, c in counts.items()) or "nothing"
+            print(f"{path}: {listed} (score >= {args.score_threshold})")
+    print(f"wrote {2 * len(images)} files to {out_dir}")

@@ -1,0 +1,127 @@
+"""``clipdense demo`` and ``clipdense shapesworld generate | train | evaluate``: the ShapesWorld synthetic world.
+
+Both ``demo`` and ``shapesworld evaluate`` use the ShapesWorld CLIP: the shipped weights, a weights file or a
+``shapesworld train`` run folder (``--pretrained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clipdense.cli.common import OFFLINE_MODEL, add_device_arg, write_json, write_png
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo`` and the ``shapesworld`` group (``generate``, ``train``, ``evaluate``)."""
+    from clipdense.clip.dense import MODES
+
+    p = sub.add_parser("demo", help="segment a rendered ShapesWorld scene with the ShapesWorld CLIP")
+    p.add_argument("--seed", type=int, default=7, help="scene seed")
+    p.add_argument("--mode", choices=MODES, default="maskclip")
+    p.add_argument("--out", default="outputs/demo")
+    _add_shapes_model_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    sw = sub.add_parser("shapesworld", help="the ShapesWorld synthetic world").add_subparsers(
+        dest="shapesworld_command", required=True
+    )
+    p = sw.add_parser("generate", help="write a ShapesWorld dataset (ADE20K-like and/or COCO layout)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=1000, help="training scenes")
+    p.add_argument("--val", type=int, default=200, help="validation scenes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("semantic", "coco", "both"), default="both")
+    p.add_argument("--image-size", type=int, default=160)
+    p.set_defaults(func=cmd_shapesworld_generate)
+    # Only for `clipdense --help`: main() hands `shapesworld train ...` to the pre-training script's own parser.
+    p = sw.add_parser("train", help="contrastive CLIP training on ShapesWorld (see its --help)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_shapesworld_train)
+    p = sw.add_parser("evaluate", help="zero-shot accuracy and training-free mIoU of each dense mode")
+    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--images", type=int, default=560, help="single-object images for zero-shot accuracy")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--image-size", type=int, default=None, help="scene size in pixels (default: the model's own)")
+    p.add_argument("--out", default=None, help="JSON report path")
+    _add_shapes_model_args(p)
+    p.set_defaults(func=cmd_shapesworld_evaluate)
+
+
+def _add_shapes_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pretrained",
+        default="shapesworld",
+        help="'shapesworld' (shipped weights), a weights file or a `shapesworld train` run folder",
+    )
+    p.add_argument("--random-weights", action="store_true", help="use random weights (for smoke tests only)")
+    add_device_arg(p)
+
+
+def _load_shapes_clip(args: argparse.Namespace):
+    """The ShapesWorld CLIP: shipped weights, a weights file, or a `shapesworld train` run folder."""
+    from clipdense.clip.loading import load_clip
+
+    if args.random_weights:
+        return load_clip(OFFLINE_MODEL, None, device=args.device)
+    if Path(args.pretrained, "open_clip_config.json").is_file():  # a run folder: its own architecture
+        return load_clip(f"local-dir:{args.pretrained}", None, device=args.device)
+    return load_clip(OFFLINE_MODEL, args.pretrained, device=args.device)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Writes ``scene.png``, ``prediction.png``, ``truth.png`` and ``demo.json`` (per-class IoU)."""
+    import torch
+
+    from clipdense.evaluation.shapesworld import segment_scene
+    from clipdense.visualize import overlay
+
+    result = segment_scene(_load_shapes_clip(args), args.seed, args.mode)
+    scene, names = result.scene, result.class_names
+    image = torch.from_numpy(scene.image).permute(2, 0, 1)
+    out = Path(args.out)
+    write_png(out / "scene.png", scene.image)
+    write_png(out / "prediction.png", overlay(image, result.prediction, names))
+    write_png(out / "truth.png", overlay(image, result.truth, names))
+    write_json(out / "demo.json", result.to_dict())
+    print(f"scene {args.seed}: {scene.caption}")
+    print("IoU: " + ", ".join(f"{n} {v:.1f}%" for n, v in result.iou.items()))
+    print(f"wrote scene.png, prediction.png, truth.png, demo.json to {out}")
+
+
+def cmd_shapesworld_generate(args: argparse.Namespace) -> None:
+    """Writes the dataset folder(s) under --out."""
+    from clipdense.data.shapesworld import generate_dataset
+
+    root = generate_dataset(args.out, args.train, args.val, args.seed, args.format, args.image_size)
+    print(f"wrote {args.train} train + {args.val} val scenes to {root}")
+
+
+def cmd_shapesworld_train(args: argparse.Namespace) -> int:
+    """Runs :func:`clipdense.training.clip_pretrain.main` on the remaining arguments."""
+    from clipdense.training.clip_pretrain import main as pretrain_main
+
+    return pretrain_main(args.args)
+
+
+def cmd_shapesworld_evaluate(args: argparse.Namespace) -> None:
+    """Prints zero-shot accuracy and each dense mode's mIoU; --out also writes them as JSON."""
+    from clipdense.data.shapesworld import ShapesWorldConfig
+    from clipdense.evaluation.shapesworld import dense_quality, format_quality, zero_shot_accuracy
+
+    clip = _load_shapes_clip(args)
+    cfg = ShapesWorldConfig(image_size=args.image_size or clip.image_size)
+    accuracy = zero_shot_accuracy(clip.model, clip.tokenizer, cfg, num_images=args.images)
+    results = dense_quality(clip, cfg, num_scenes=args.scenes, modes=args.modes)
+    print(f"{clip.name} ({clip.pretrained or 'random weights'}), scenes of {cfg.image_size} px "
+          f"(trained at {clip.image_size} px)")  # fmt: skip
+    print(format_quality(results, accuracy))
+    payload = {
+        "model": clip.name,
+        "pretrained": clip.pretrained,
+        "image_size": cfg.image_size,
+        "zero_shot_accuracy": accuracy,
+        "dense": [vars(r) for r in results],
+    }
+    if args.out:
+        write_json(Path(args.out), payload)

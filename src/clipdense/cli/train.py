@@ -1,0 +1,83 @@
+"""``clipdense train``, ``clipdense eval`` and ``clipdense flops``: models trained from a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clipdense.cli.common import add_device_arg, write_json
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``eval`` and ``flops``."""
+    p = sub.add_parser("train", help="train a segmentation model or detector from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.iters=1000")
+    p.add_argument("--resume", action="store_true", help="continue the run directory's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run (mIoU; detectors: COCO box/mask AP)")
+    p.add_argument("checkpoint", help="run directory written by `clipdense train`")
+    p.add_argument("--dataset", default=None, help="default: the training config's dataset")
+    p.add_argument("--root", default=None)
+    p.add_argument("--split", default=None)
+    p.add_argument("--mode", choices=("slide", "whole"), default=None)
+    p.add_argument("--scales", type=float, nargs="+", default=None, help="ratios of the short side")
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--aug", action="store_true", help="multi-scale (0.5..1.75) + flip, as the paper")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON report path")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("flops", help="Params and GFLOPs of a config's model, counted as the paper does")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--size", type=int, default=None, help="square input side (default 1024; detectors 800x1344)")
+    p.add_argument("--num-classes", type=int, default=None, help="when the config names no classes (150; COCO 80)")
+    p.set_defaults(func=cmd_flops)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Exit status 0 when the run finished, 3 when it stopped early (resumable)."""
+    from clipdense.config import load_config
+    from clipdense.training.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    if result["finished"]:
+        print(f"done: {result['step']} steps, run directory {result['run_dir']}")
+    return 0 if result["finished"] else 3
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Prints the report and writes it as JSON (``RUN/eval_<dataset>_<split>.json`` unless --out)."""
+    from clipdense.evaluation.run import evaluate_run
+
+    result = evaluate_run(
+        args.checkpoint,
+        args.device,
+        dataset=args.dataset,
+        root=args.root,
+        split=args.split,
+        mode=args.mode,
+        scales=args.scales,
+        flip=args.flip,
+        aug=args.aug,
+        limit=args.limit,
+        save_detections=True,
+    )
+    print(result.format())
+    out = Path(args.out or result.default_path)
+    write_json(out, result.to_dict(), default=list)
+    detections = f" (detections in COCO results format: {result.detections_path})" if result.detections_path else ""
+    print(f"saved {out}{detections}")
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    """Prints Params and GFLOPs without and with the text encoder (PPL: Monte-Carlo and mean-only)."""
+    from clipdense.config import load_config
+    from clipdense.evaluation.complexity import model_complexity
+
+    cfg = load_config(args.config, args.overrides)
+    print(model_complexity(cfg, size=args.size, num_classes=args.num_classes).format())

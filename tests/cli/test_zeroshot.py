@@ -1,0 +1,53 @@
+"""`clipdense eval-zeroshot` end to end, on a dataset folder the tests write."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from clipdense.cli import main
+
+FAST = ["--templates", "single", "--short-side", "64", "--window", "64", "--stride", "32"]
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _write_ade(root, n=3):
+    rng = np.random.default_rng(0)
+    for split in ("validation",):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"ADE_val_{i:08d}.jpg"
+            )
+            Image.fromarray(rng.integers(0, 151, (40, 56), dtype=np.uint8)).save(
+                root / "annotations" / split / f"ADE_val_{i:08d}.png"
+            )
+
+
+def test_eval_zeroshot_reports_metrics(tiny_checkpoints, tmp_path, capsys):
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade(root)
+    out = tmp_path / "report.json"
+    ckpt = tiny_checkpoints["tiny-RN"][1]["state_dict"]
+    code, stdout, err = _run(
+        capsys, "eval-zeroshot", "--dataset", "ade20k", "--root", root, "--model", "tiny-RN", "--pretrained", ckpt,
+        "--out", out, *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["images"] == 3 and report["dataset"] == "ade20k"
+    assert len(report["per_class_iou"]) == 150
+    for key in ("miou", "macc", "aacc", "fwiou"):
+        assert 0 <= report[key] <= 100
+        assert key.replace("miou", "mIoU") in stdout or key in stdout.lower()
+
+
+def test_eval_zeroshot_missing_root(tmp_path, capsys):
+    code, _, err = _run(capsys, "eval-zeroshot", "--dataset", "voc21", "--root", tmp_path / "nope", "--random-weights")
+    assert code == 1 and "VOC" in err
