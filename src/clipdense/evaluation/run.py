@@ -125,8 +125,8 @@ def evaluate_run(
     model, cfg = build_from_run(run_dir, device)
     if getattr(model, "task", None) == "detection":
         if dataset not in (None, DETECTION_DATASET):
-            raise ValueError(f"a detector is evaluated on a COCO-layout dataset (--dataset coco), not {dataset}")
-        ignored = [f for f, v in (("--mode", mode), ("--scales", scales), ("--flip", flip), ("--aug", aug)) if v]
+            raise ValueError(f"a detector is evaluated on a COCO-layout dataset (dataset 'coco'), not {dataset}")
+        ignored = [f for f, v in (("mode", mode), ("scales", scales), ("flip", flip), ("aug", aug)) if v]
         if ignored:
             raise ValueError(f"{', '.join(ignored)} apply to segmentation; detectors are evaluated at their own scale")
         split = split or cfg.data.val_split

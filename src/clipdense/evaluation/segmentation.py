@@ -67,7 +67,7 @@ def evaluate_predictor(
     if len(names) != dataset.num_classes:
         raise ValueError(
             f"{name} has {dataset.num_classes} classes but the predictor has {len(names)}: "
-            "--background-threshold needs a dataset whose class list starts with 'background'"
+            "a background threshold needs a dataset whose class list starts with 'background'"
         )
     metric = SegmentationMetric(dataset.num_classes, ignore_index=dataset.ignore_index, class_names=names)
     count = len(dataset) if limit is None else min(limit, len(dataset))
