@@ -17,9 +17,11 @@ Training writes it; evaluation, inference and the CLI read it through :func:`bui
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,26 @@ CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
 
 
+logger = logging.getLogger(__name__)
+
+
+def _step_folders(root: Path) -> list[Path]:
+    """``step_*`` folders under ``checkpoints/``, oldest first."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir())
+
+
 def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step: int) -> Path:
-    """Write ``checkpoints/step_XXXXXXX/{model.safetensors,state.pt}``, then point ``latest`` at it."""
+    """Write ``checkpoints/step_XXXXXXX/{model.safetensors,state.pt}``, then point ``latest`` at it.
+
+    The folder is written as ``.step_XXXXXXX.partial`` and renamed when complete, so a crash never
+    leaves a half-written step folder. Stale ``.partial`` folders, step folders past ``step`` (a
+    resumed run rewrites them) and all but the newest :data:`KEEP_CHECKPOINTS` are removed.
+    """
     root = run_dir / CHECKPOINTS
     folder = root / f"step_{step:07d}"
     partial = root / f".step_{step:07d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    for stale in root.glob(".step_*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     partial.mkdir(parents=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(partial / "model.safetensors"), metadata={"step": str(step)})
@@ -50,20 +66,65 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     atomic_write(root / "latest", lambda tmp: tmp.write_text(folder.name + "\n"))
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
+    folders = _step_folders(root)
+    older, newer = folders[: folders.index(folder)], folders[folders.index(folder) + 1 :]
+    for old in newer + older[: max(0, len(older) - KEEP_CHECKPOINTS + 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a step folder cannot be resumed from (missing or truncated files), or None if it is complete.
+
+    Cheap checks that catch truncation and deletion without reading the tensors: the safetensors
+    header must describe exactly the file's size, and ``state.pt`` must be a readable zip archive.
+    """
+    weights, state = folder / "model.safetensors", folder / "state.pt"
+    for path in (weights, state):
+        if not path.is_file():
+            return f"{path.name} is missing"
+    try:
+        with weights.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if weights.stat().st_size != 8 + size + end:
+            return f"model.safetensors has {weights.stat().st_size} bytes, its header describes {8 + size + end}"
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return f"model.safetensors is unreadable ({e})"
+    try:
+        with zipfile.ZipFile(state) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"state.pt is unreadable ({e})"
+    return None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The folder ``checkpoints/latest`` points to, or None."""
-    pointer = Path(run_dir) / CHECKPOINTS / "latest"
-    if not pointer.is_file():
+    """The newest complete step folder of a run, or None if it has none.
+
+    That is normally the one ``checkpoints/latest`` names. When the newest folder is damaged
+    (truncated or deleted files) or ``latest`` names a folder that is gone, the newest complete one is
+    returned instead, with a warning that names what was skipped and why.
+
+    Raises:
+        FileNotFoundError: The run has step folders, but none of them is complete.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    folders = _step_folders(root)
+    if named is None and not folders:
         return None
-    folder = pointer.parent / pointer.read_text().strip()
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{pointer} points to {folder}, which has no model.safetensors")
-    return folder
+    skipped = [] if named is None or (root / named).is_dir() else [f"{named} (named by 'latest') is gone"]
+    for folder in reversed(folders):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if skipped:
+                logger.warning("%s: using %s; skipped %s", root, folder.name, "; ".join(skipped))
+            return folder
+        skipped.append(f"{folder.name}: {problem}")
+    raise FileNotFoundError(f"{root} holds no complete checkpoint: {'; '.join(skipped)}")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

@@ -228,3 +228,39 @@ def test_config_validation():
         PretrainConfig(batch_size=1)
     with pytest.raises(ValueError, match="warmup_frac"):
         replace(PretrainConfig(), warmup_frac=1.5)
+
+
+def test_ctrl_c_mid_step_stops_at_the_boundary_and_resumes_exactly(uninterrupted, tmp_path, monkeypatch):
+    """A real SIGINT sent inside step 3's forward pass: the step finishes, last.pt holds step 3, and the
+    resumed run reproduces the uninterrupted losses and weights bit for bit."""
+    import os
+    import signal
+
+    import clipdense.training.clip_pretrain as pretrain
+
+    full_out, full = uninterrupted
+    set_phase = pretrain._set_phase
+
+    def interrupt_at_step_2(model, cfg, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        set_phase(model, cfg, step)
+
+    monkeypatch.setattr(pretrain, "_set_phase", interrupt_at_step_2)
+    first = train(_tiny_config(tmp_path))
+    assert not first.finished and first.step == 3 and first.losses == full.losses[:3]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(pretrain, "_set_phase", set_phase)
+    second = train(_tiny_config(tmp_path))
+    assert second.losses == full.losses[3:]
+    a = load_file(str(full_out / "shapesclip_rn.safetensors"))
+    b = load_file(str(tmp_path / "shapesclip_rn.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_last_pt_is_a_clear_error(tmp_path):
+    train(_tiny_config(tmp_path, stop_at_step=2, eval_images=0, eval_scenes=0))
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        train(_tiny_config(tmp_path))

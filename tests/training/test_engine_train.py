@@ -95,6 +95,92 @@ def test_resume_equals_uninterrupted_run(colour_data, tmp_path, tiny_configs):
         train(changed, resume=True, progress=False)
 
 
+def _interrupt_during_forward(monkeypatch, at_calls: set[int]):
+    """Send this process a real SIGINT inside the forward pass of the given (1-based) training steps."""
+    import signal
+
+    import clipdense.training.engine as engine
+
+    forward, calls = engine._forward, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in at_calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", interrupted)
+    return forward
+
+
+def test_ctrl_c_mid_step_stops_at_the_boundary_and_resumes_exactly(colour_data, tmp_path, tiny_configs, monkeypatch):
+    import clipdense.training.engine as engine
+
+    full = train(load_config(None, tiny_overrides(colour_data, tmp_path / "a", iters=8)), progress=False)
+    cfg = load_config(None, tiny_overrides(colour_data, tmp_path / "b", iters=8))
+    forward = _interrupt_during_forward(monkeypatch, {3})
+    first = train(cfg, progress=False)
+    assert not first["finished"] and first["step"] == 3 and first["losses"] == full["losses"][:3]
+    assert latest_checkpoint(cfg.run_dir).name == "step_0000003"
+    monkeypatch.setattr(engine, "_forward", forward)
+    second = train(cfg, resume=True, progress=False)
+    assert second["finished"] and first["losses"] + second["losses"] == full["losses"]
+    a = load_file(str(latest_checkpoint(tmp_path / "a") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_second_ctrl_c_aborts_without_saving(colour_data, tmp_path, tiny_configs, monkeypatch):
+    import signal
+
+    cfg = load_config(None, tiny_overrides(colour_data, tmp_path, iters=8, **{"train.ckpt_every": 2}))
+    forward = _interrupt_during_forward(monkeypatch, set())
+
+    def twice(*args, **kwargs):  # step 3: the first Ctrl-C asks to stop, the second aborts the step
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    calls = []
+    import clipdense.training.engine as engine
+
+    monkeypatch.setattr(engine, "_forward", twice)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    assert latest_checkpoint(cfg.run_dir).name == "step_0000002"  # nothing written after the last checkpoint
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_complete_one(colour_data, tmp_path, tiny_configs, caplog):
+    full = train(load_config(None, tiny_overrides(colour_data, tmp_path / "a", iters=6)), progress=False)
+    cfg = load_config(None, tiny_overrides(colour_data, tmp_path / "b", iters=6, **{"train.ckpt_every": 2}))
+    train(cfg, progress=False, stop_after=4)  # checkpoints at steps 2 and 4
+    root = cfg.resolved_run_dir() / "checkpoints"
+    weights = root / "step_0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    (root / ".step_0000005.partial").mkdir()  # left by a crash while saving
+    with caplog.at_level("WARNING", logger="clipdense.runs"):
+        assert latest_checkpoint(cfg.run_dir).name == "step_0000002"
+    assert "step_0000004: model.safetensors has" in caplog.text
+    second = train(cfg, resume=True, progress=False)
+    assert second["finished"] and second["losses"] == full["losses"][2:]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000004", "step_0000006"]
+    a = load_file(str(latest_checkpoint(tmp_path / "a") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(cfg.run_dir) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # `latest` naming a deleted folder, and a state.pt cut short: still the newest complete step
+    import shutil
+
+    shutil.rmtree(root / "step_0000006")
+    assert latest_checkpoint(cfg.run_dir).name == "step_0000004"
+    state = root / "step_0000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        latest_checkpoint(cfg.run_dir)
+
+
 def test_ddp_two_processes_equal_one_process(colour_data, tmp_path, tiny_configs):
     """2 CPU processes (gloo) x batch 2 == 1 process x batch 4 (BN frozen, no dropout, no ignored pixels)."""
     common = {"train.freeze_bn": "true", "data.ratio_range": "[1.0, 1.0]", "data.scale": "[48, 48]",

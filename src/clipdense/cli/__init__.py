@@ -45,15 +45,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clipdense.clip.loading import CLIPLoadError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["shapesworld", "train"]:  # its own parser, options and --help included
-        from clipdense.training.clip_pretrain import main as pretrain_main
-
-        return pretrain_main(argv[2:])
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        if argv[:2] == ["shapesworld", "train"]:  # its own parser, options and --help included
+            from clipdense.training.clip_pretrain import main as pretrain_main
+
+            return pretrain_main(argv[2:])
+        args = build_parser().parse_args(argv)
+        level = logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(message)s")
         code = args.func(args)
     except (CLIError, CLIPLoadError, ValueError, FileNotFoundError) as e:
         print(f"clipdense: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # training turns the first Ctrl-C into a checkpointed stop; this is a second one
+        print("clipdense: interrupted (a training run keeps its last checkpoint: --resume continues)", file=sys.stderr)
+        return 130
     return code or 0

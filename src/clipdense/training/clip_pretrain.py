@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,7 @@ from clipdense.evaluation.shapesworld import zero_shot_accuracy
 from clipdense.fileio import atomic_write, atomic_write_text
 from clipdense.training.loop import (
     RunLog,
+    StopRequests,
     capture_state,
     check_resume,
     load_state,
@@ -594,7 +596,7 @@ def _loop(
     batches = batches_at(step)
     boundaries = {0: "one-object warm-up, text transformer locked", cfg.phases()[0]: "image tower locked",
                   cfg.phases()[1]: "both towers train"}  # fmt: skip
-    with log.progress(cfg.steps, step, "ShapesCLIP pretrain") as bar:
+    with StopRequests() as stops, log.progress(cfg.steps, step, "ShapesCLIP pretrain") as bar:
         while step < stop_at:
             _set_phase(model, cfg, step)
             if step in boundaries and (step > 0 or cfg.phases()[0] > 0):
@@ -643,10 +645,15 @@ def _loop(
                 log.write(record)
                 last_time, last_step = now, step
             out_of_time = cfg.time_limit_min is not None and time.monotonic() - start_time > 60.0 * cfg.time_limit_min
-            if step % cfg.ckpt_every == 0 or step == stop_at or out_of_time:
-                save_checkpoint(step)
+            if step % cfg.ckpt_every == 0 or step == stop_at or out_of_time or stops.requested:
+                save_checkpoint(step)  # at a step boundary, so a Ctrl-C mid-step still resumes bit for bit
             if out_of_time:
                 logger.info("time limit of %.1f min reached at step %d; stopping", cfg.time_limit_min, step)
+                break
+            if stops.requested:
+                logger.info(
+                    "stopped by %s at step %d; the same command resumes", signal.Signals(stops.signal).name, step
+                )
                 break
     return losses
 

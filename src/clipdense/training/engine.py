@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from clipdense.fileio import atomic_write_json
 from clipdense.runs import build_eval_dataset, is_detection, latest_checkpoint, load_weights, save_checkpoint
 from clipdense.training.loop import (
     RunLog,
+    StopRequests,
     capture_state,
     check_resume,
     load_state,
@@ -376,9 +376,7 @@ def train(
             _freeze_bn(model)
         tic = time.perf_counter()
         data_iter = iter(loader)
-        stop = {"signal": None}
-        previous = signal.signal(signal.SIGTERM, lambda n, f: stop.update(signal=n)) if main_process else None
-        with log.progress(total_iters, step, cfg.name, show=progress) as bar:
+        with StopRequests() as stops, log.progress(total_iters, step, cfg.name, show=progress) as bar:
             try:
                 while step < total_iters:
                     batch = next(data_iter)
@@ -420,17 +418,14 @@ def train(
                         checkpoint()
                     if evaluate and step % cfg.train.eval_every == 0 and step < total_iters:
                         _evaluate_during_training(model, cfg, device, log, step)
-                    if stop["signal"] is not None or (stop_after is not None and step >= stop_after):
-                        raise _Stop()
-            except (KeyboardInterrupt, _Stop):
+                    if _all_reduce_int(int(stops.requested), world) or (stop_after is not None and step >= stop_after):
+                        raise _Stop()  # at a step boundary: the checkpoint below is a consistent state
+            except _Stop:
                 if main_process:
                     folder = checkpoint()
                     logger.info("stopped at step %d; checkpoint %s; continue with --resume", step, folder)
                     print(f"stopped at step {step}: checkpoint saved to {folder}; continue with --resume")
                 return result(finished=False)
-            finally:
-                if main_process:
-                    signal.signal(signal.SIGTERM, previous)
         if skipped_total and main_process:
             print(f"skipped {skipped_total} bad samples in total (see train.log)")
         if evaluate:

@@ -7,6 +7,7 @@ What makes a loop reproducible and resumable, apart from its model and data orde
 * training state: :func:`capture_state` / :func:`restore_state` (step, RNG and the ``state_dict()`` of
   every stateful part), :func:`load_state`, and :func:`save_state` for a single state file;
 * resume checks: :func:`check_resume` (saved config against the current one, naming every changed key);
+* interruptions: :class:`StopRequests` (Ctrl-C and SIGTERM stop the loop at the next step boundary);
 * outputs: :class:`RunLog` (``train.log``, ``metrics.jsonl`` cut back to the resumed step, TensorBoard,
   the progress bar).
 
@@ -29,6 +30,9 @@ import json
 import logging
 import math
 import random
+import signal
+import sys
+import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +113,20 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    """Loads a saved training state on the CPU (``weights_only``: tensors and plain containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Loads a saved training state on the CPU (``weights_only``: tensors and plain containers only).
+
+    Raises:
+        ValueError: The file is truncated or corrupt (the message says how to start over).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"cannot read the checkpoint {path}: it is truncated or corrupt ({str(e).splitlines()[0]}). "
+            "Delete it (or resume from an older copy) to start over."
+        ) from e
 
 
 def check_resume(
@@ -135,6 +151,52 @@ def check_resume(
     ]
     if changed:
         raise ValueError(f"cannot resume {source}: the config changed ({'; '.join(changed)}). {hint}".rstrip())
+
+
+# ------------------------------------------------------------------------------------------- interruptions
+
+
+class StopRequests:
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a request to stop at the next step boundary.
+
+    A signal that landed mid-step and stopped the loop there would checkpoint BatchNorm statistics of a
+    half-finished forward pass or a half-built optimiser state; instead the loop finishes the step, saves
+    and returns, so the run resumes bit for bit. A second Ctrl-C aborts at once without saving (the last
+    checkpoint stays). Handlers are installed only in the main thread and restored on exit.
+
+    Args:
+        enabled: Install the handlers (off: :attr:`requested` stays False).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was requested."""
+        return self.signal is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now, without saving
+        self.signal = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step with a checkpoint (Ctrl-C again aborts without saving)",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def __enter__(self) -> StopRequests:
+        if self.enabled:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
 # ------------------------------------------------------------------------------------------- outputs
