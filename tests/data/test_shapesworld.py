@@ -328,3 +328,17 @@ def test_generate_dataset_both_formats(tmp_path):
     assert meta["config"]["image_size"] == 40
     with pytest.raises(ValueError, match="format"):
         generate_dataset(tmp_path / "bad", 1, 1, fmt="voc")
+
+
+def test_generate_refuses_a_non_empty_folder_and_overwrite_replaces_it(tmp_path):
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty.*--overwrite"):
+        generate_dataset(out, 1, 1, fmt="semantic", image_size=32, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written
+    generate_dataset(out, 1, 1, fmt="semantic", image_size=32, progress=False, overwrite=True)
+    assert not (out / "notes.txt").exists() and (out / "classes.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sw"]  # no .partial / .old folders left
+    with pytest.raises(ValueError, match="is a file"):
+        generate_dataset(out / "classes.txt", 1, 1, progress=False)

@@ -33,6 +33,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("semantic", "coco", "both"), default="both")
     p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.set_defaults(func=cmd_shapesworld_generate)
     # Only for `clipdense --help`: main() hands `shapesworld train ...` to the pre-training script's own parser.
     p = sw.add_parser("train", help="contrastive CLIP training on ShapesWorld (see its --help)")
@@ -93,7 +94,9 @@ def cmd_shapesworld_generate(args: argparse.Namespace) -> None:
     """Writes the dataset folder(s) under --out."""
     from clipdense.data.shapesworld import generate_dataset
 
-    root = generate_dataset(args.out, args.train, args.val, args.seed, args.format, args.image_size)
+    root = generate_dataset(
+        args.out, args.train, args.val, args.seed, args.format, args.image_size, overwrite=args.overwrite
+    )
     print(f"wrote {args.train} train + {args.val} val scenes to {root}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -212,8 +214,12 @@ def generate_dataset(
     image_size: int = 160,
     cfg: ShapesWorldConfig | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Generates a ShapesWorld dataset on disk (entry point for ``clipdense shapesworld generate``).
+
+    The dataset is written to a hidden sibling folder and moved to ``out`` when complete, so an
+    interrupted run leaves no half-written dataset, and two datasets are never mixed in one folder.
 
     Args:
         out: Output folder.
@@ -225,13 +231,34 @@ def generate_dataset(
         image_size: Image side in pixels; overrides ``cfg.image_size``.
         cfg: World configuration (default :class:`ShapesWorldConfig`).
         progress: Show a tqdm progress bar.
+        overwrite: Replace ``out`` if it exists and is not empty (it is swapped out only once the new
+            dataset is complete).
 
     Returns:
         ``out`` as a Path.
+
+    Raises:
+        ValueError: Unknown format, or ``out`` is not empty and ``overwrite`` is False.
     """
     if fmt not in ("semantic", "coco", "both"):
         raise ValueError(f"Unknown format {fmt!r}; use 'semantic', 'coco' or 'both'.")
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{out} is not empty: writing there would mix two datasets. Choose another folder, or pass "
+            "--overwrite (overwrite=True) to replace it"
+        )
     base = asdict(cfg) if cfg is not None else {}
     cfg = ShapesWorldConfig(**{**base, "image_size": image_size})
     semantic, coco = fmt in ("semantic", "both"), fmt in ("coco", "both")
-    return _export(out, num_train, num_val, seed, cfg, semantic=semantic, coco=coco, progress=progress)
+    partial, old = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
+    for stale in (partial, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    _export(partial, num_train, num_val, seed, cfg, semantic=semantic, coco=coco, progress=progress)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
