@@ -98,6 +98,19 @@ def test_bad_input_one_message_no_output(tiny_checkpoints, images, tmp_path, cap
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
+def test_a_truncated_jpeg_among_several_stops_before_any_output(tiny_checkpoints, images, tmp_path, capsys):
+    """PIL's verify() passes a truncated JPEG; every input is decoded up front, so nothing is written."""
+    truncated = tmp_path / "in" / "cut.jpg"
+    data = images[0].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    out_dir = tmp_path / "out"
+    model = ["--model", "tiny-RN", "--pretrained", tiny_checkpoints["tiny-RN"][1]["safetensors"]]
+    code, _, err = _run(capsys, "segment", images[0], truncated, images[1], "--classes", "a; b", *model,
+                        "--out", out_dir, *FAST)  # fmt: skip
+    assert code == 1 and "cut.jpg" in err and len(err.strip().splitlines()) == 1
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
 def test_console_script_with_local_dir_model(tiny_checkpoints, images, tmp_path):
     """The installed entry point in a fresh process, on an open_clip local-dir model."""
     model_dir = tmp_path / "model"

@@ -71,3 +71,13 @@ def test_bad_class_lists(clip):
         embedder.encode_classes([])
     with pytest.raises(ValueError, match="duplicate"):
         embedder.encode_classes(["cat", "Cat"])
+
+
+def test_a_name_too_long_for_the_context_is_warned_about(clip, caplog):
+    text = TextEmbedder(clip, "single")
+    long_name = "very " * 80 + "long name"
+    with caplog.at_level("WARNING", logger="clipdense.clip.text"):
+        text.encode_classes(["cat", long_name])
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "409 characters" in message and "77-token context" in message and "cat" not in message

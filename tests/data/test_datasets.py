@@ -399,3 +399,21 @@ def test_read_image_rgb_exif(tmp_path: Path) -> None:
     assert read_image_rgb(path, apply_exif_orientation=True).shape == (3, W, H)
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         read_image_rgb(tmp_path / "missing.jpg")
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    from clipdense.data.datasets import read_image_rgb
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    image = read_image_rgb(tmp_path / "g16.png")
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+    expected = np.clip(np.rint(ramp / 257.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(image[0].numpy(), expected) and torch.equal(image[0], image[2])
+    assert (image == 255).float().mean() < 0.01  # PIL's convert("RGB") made 99.6% of them 255
+    unit = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(unit).save(tmp_path / "f.tiff")
+    assert read_image_rgb(tmp_path / "f.tiff")[0, -1, -1] == 255 and read_image_rgb(tmp_path / "f.tiff")[0, 0, 0] == 0
+    Image.fromarray(unit * 1000).save(tmp_path / "f1000.tiff")
+    with pytest.raises(ValueError, match=r"values in \[0, 1000\].*8-bit"):
+        read_image_rgb(tmp_path / "f1000.tiff")

@@ -24,6 +24,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from clipdense import __version__
 from clipdense.cli import datasets, segment, shapesworld, train, zeroshot
 from clipdense.cli.common import CLIError
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``func``, the command to run on the parsed arguments."""
     parser = argparse.ArgumentParser(prog="clipdense", description="Language-guided dense prediction with CLIP.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    parser.add_argument("--version", action="version", version=f"clipdense {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (segment, zeroshot, train, datasets, shapesworld):  # the order of `clipdense --help`
         group.add_parsers(sub)

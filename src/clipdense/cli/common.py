@@ -125,18 +125,21 @@ def build_predictor(args: argparse.Namespace) -> OpenVocabPredictor:
 
 
 def check_images(paths: Sequence[str]) -> list[Path]:
-    """Fail before any work if an input is missing or not an image."""
-    from PIL import Image
+    """Fail before any model work if an input is missing, not an image, truncated or out of range.
+
+    Every image is decoded in full (PIL's ``verify`` misses truncated files), so one bad file never
+    leaves a half-done batch behind.
+    """
+    from clipdense.data.datasets import read_image_rgb
 
     out = []
     for p in map(Path, paths):
         if not p.is_file():
             raise CLIError(f"image not found: {p}")
         try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as e:
-            raise CLIError(f"cannot read image '{p}': not an image file or corrupt ({type(e).__name__})") from e
+            read_image_rgb(p)
+        except ValueError as e:
+            raise CLIError(f"cannot read image '{p}': {e}") from e
         out.append(p)
     stems = [p.stem for p in out]
     if len(set(stems)) != len(stems):

@@ -118,14 +118,17 @@ class TextEmbedder:
         self._cache: OrderedDict[tuple[str, tuple[str, ...], str], torch.Tensor] = OrderedDict()
 
     @torch.inference_mode()
-    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """P x D l2-normalised embeddings, a P-long mask of prompts that filled the whole context (the
+        tokenizer cut them), and the context length in tokens."""
         model = self.clip.model
         device = next(model.parameters()).device
-        out = []
+        out, full = [], []
         for i in range(0, len(prompts), self.chunk_size):
-            tokens = self.clip.tokenizer(prompts[i : i + self.chunk_size]).to(device)
-            out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-        return torch.cat(out)
+            tokens = self.clip.tokenizer(prompts[i : i + self.chunk_size])
+            full.append(tokens[:, -1] != 0)
+            out.append(F.normalize(model.encode_text(tokens.to(device)).float(), dim=-1))
+        return torch.cat(out), torch.cat(full), tokens.shape[1]
 
     def encode_names(self, names: Sequence[str]) -> torch.Tensor:
         """Embed plain names (no synonyms): N x D, l2-normalised template-ensemble means."""
@@ -133,7 +136,15 @@ class TextEmbedder:
         todo = list(dict.fromkeys(n for n in names if key(n) not in self._cache))
         if todo:
             prompts = [t.format(n) for n in todo for t in self.templates]
-            emb = self._encode_prompts(prompts).view(len(todo), len(self.templates), -1)
+            emb, full, context = self._encode_prompts(prompts)
+            emb = emb.view(len(todo), len(self.templates), -1)
+            for n, cut in zip(todo, full.view(len(todo), -1).any(dim=1).tolist(), strict=True):
+                if cut:
+                    logger.warning(
+                        "class name %r (%d characters) does not fit the text encoder's %d-token context in its "
+                        "prompts: it is cut short. Use a shorter name (synonyms go after commas)",
+                        n if len(n) <= 60 else n[:57] + "...", len(n), context,
+                    )  # fmt: skip
             emb = F.normalize(emb.mean(dim=1), dim=-1)
             for n, e in zip(todo, emb, strict=True):
                 self._cache[key(n)] = e

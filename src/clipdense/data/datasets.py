@@ -102,6 +102,25 @@ class LabelConvention:
         return label
 
 
+def _to_uint8_rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """H x W x 3 uint8 of a PIL image. PIL's ``convert("RGB")`` clips 16-bit and float pixels at 255
+    (a 16-bit PNG turns almost white), so those are scaled to 8 bits here: 16-bit by 65535 -> 255,
+    floats in [0, 1] by 255; other ranges are refused rather than guessed."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return np.array(image.convert("RGB"))
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(np.nanmin(values)), float(np.nanmax(values))) if values.size else (0.0, 0.0)
+    top = 1.0 if image.mode == "F" else 65535.0  # mode "I" holds 16-bit data in older PIL versions
+    if low < 0.0 or high > top:
+        raise ValueError(
+            f"{path} is a {image.mode!r} image with values in [{low:.4g}, {high:.4g}]; only [0, {top:g}] can "
+            "be read as brightness: convert it to an 8-bit RGB image first"
+        )
+    scale = 255.0 / top
+    gray = np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
 def read_image_rgb(path: str | Path, apply_exif_orientation: bool = False) -> torch.Tensor:
     """Reads an image file as RGB with PIL (grayscale, palette and CMYK images are converted).
 
@@ -117,22 +136,27 @@ def read_image_rgb(path: str | Path, apply_exif_orientation: bool = False) -> to
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the file cannot be decoded.
+        ValueError: If the file cannot be decoded, or is a 16-bit/float image whose values are not
+            brightness in [0, 65535] / [0, 1] (those in range are scaled to 8 bits).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found")
+    decoded = False  # decoding errors are reported as corrupt files; value-range errors as themselves
     try:
         with Image.open(path) as image:
+            image.load()
             if apply_exif_orientation:
                 image = ImageOps.exif_transpose(image)
-            array = np.array(image.convert("RGB"))
+            decoded = True
+            return torch.from_numpy(_to_uint8_rgb(image, path)).permute(2, 0, 1).contiguous()
     except (OSError, ValueError) as error:
+        if decoded:
+            raise
         raise ValueError(
             f"could not decode image {path} ({error}); the file is corrupt or not an image: re-extract the "
             "dataset or remove this file from the split"
         ) from error
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -146,7 +170,8 @@ def read_mask(path: str | Path) -> np.ndarray:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the file cannot be decoded.
+        ValueError: If the file cannot be decoded, or is a 16-bit/float image whose values are not
+            brightness in [0, 65535] / [0, 1] (those in range are scaled to 8 bits).
     """
     path = Path(path)
     if not path.is_file():
