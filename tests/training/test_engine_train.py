@@ -95,6 +95,21 @@ def test_resume_equals_uninterrupted_run(colour_data, tmp_path, tiny_configs):
         train(changed, resume=True, progress=False)
 
 
+def test_resume_may_lengthen_the_run_turn_on_skip_bad_and_respell_the_root(colour_data, tmp_path, tiny_configs):
+    run = tmp_path / "r"
+    assert train(load_config(None, tiny_overrides(colour_data, run, iters=3)), progress=False)["finished"]
+    respelled = colour_data.parent / ".." / colour_data.parent.name / colour_data.name
+    longer = tiny_overrides(respelled, run, iters=5, **{"data.skip_bad": "true", "train.log_every": 1})
+    result = train(load_config(None, longer), resume=True, progress=False)
+    assert result["finished"] and result["step"] == 5 and len(result["losses"]) == 2
+    assert latest_checkpoint(run).name == "step_0000005"
+    for change, refused in [({"iters": 4}, "train.iters: 5 -> 4"), ({"optim.lr": 0.5}, "optim.lr: 0.001 -> 0.5")]:
+        iters = change.pop("iters", 5)
+        with pytest.raises(ValueError, match=refused + r".*lengthen train.iters, turn on data.skip_bad"):
+            train(load_config(None, tiny_overrides(colour_data, run, iters=iters, **change)), resume=True,
+                  progress=False)  # fmt: skip
+
+
 def _interrupt_during_forward(monkeypatch, at_calls: set[int]):
     """Send this process a real SIGINT inside the forward pass of the given (1-based) training steps."""
     import signal

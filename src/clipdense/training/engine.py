@@ -196,6 +196,12 @@ def _freeze_bn(model: nn.Module) -> None:
 
 
 def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Refuse a resume whose config would change the part of the run already done.
+
+    Beyond the logging and loader settings (:data:`_RESUME_FREE`), a resume may lengthen the run
+    (``train.iters`` up: the schedule is then stretched from the resumed step on), turn on
+    ``data.skip_bad``, and spell ``data.root`` differently if it is the same folder.
+    """
     import yaml
 
     if not (run_dir / "config.yaml").is_file():
@@ -203,8 +209,23 @@ def _check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     now = json.loads(json.dumps(cfg.to_dict()))
     flat = lambda c: {f"{s}.{k}": v for s in _RESUME_SECTIONS for k, v in c.get(s, {}).items()}  # noqa: E731
-    hint = "Resume with the same settings or start a new run directory."
-    check_resume(flat(saved), flat(now), run_dir, free=_RESUME_FREE, hint=hint)
+    old, new = flat(saved), flat(now)
+    allowed = {
+        "train.iters": lambda a, b: isinstance(a, int) and isinstance(b, int) and b >= a,
+        "data.skip_bad": lambda a, b: b or not a,
+        "data.root": lambda a, b: a is not None and b is not None and Path(a).resolve() == Path(b).resolve(),
+    }
+    for key, same_enough in allowed.items():
+        if key in old and key in new and same_enough(old[key], new[key]):
+            if old[key] != new[key]:
+                logger.info("resuming %s with %s: %r -> %r", run_dir, key, old[key], new[key])
+            new[key] = old[key]
+    hint = (
+        "A resume may change only train.log_every/ckpt_every/eval_every and data.workers, lengthen train.iters, "
+        "turn on data.skip_bad, or name the same data.root another way; for anything else start a new run "
+        "directory."
+    )
+    check_resume(old, new, run_dir, free=_RESUME_FREE, hint=hint)
 
 
 # ------------------------------------------------------------------------------------------- data
