@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from clipdense.config import ExperimentConfig
-from clipdense.runs import is_detection
+from clipdense.runs import build_architecture, is_detection
 
 
 @dataclass
@@ -74,17 +73,11 @@ def model_complexity(
     Returns:
         The counts; PPL models are counted twice, with Monte-Carlo inference and mean-only.
     """
-    from clipdense.models import count_flops, count_parameters, create_model
+    from clipdense.models import count_flops, count_parameters
 
     num_classes = num_classes or (80 if is_detection(cfg) else 150)
     names = cfg.model.class_names or [f"class {i}" for i in range(num_classes)]
-    loading_logger = logging.getLogger("clipdense.clip.loading")
-    level = loading_logger.level
-    loading_logger.setLevel(logging.ERROR)  # weights do not change the counts: build with random ones
-    try:
-        model = create_model(cfg.model.name, class_names=names, pretrained=None, **cfg.model.overrides).eval()
-    finally:
-        loading_logger.setLevel(level)
+    model = build_architecture(cfg, names).eval()  # weights do not change the counts
     detector = getattr(model, "task", None) == "detection"
     if size is None:
         size = (800, 1344) if detector else (1024, 1024)
