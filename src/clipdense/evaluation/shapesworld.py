@@ -16,7 +16,6 @@ MaskCLIP's central claim is that the value path (``maskclip``) beats the q-k att
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,10 +39,6 @@ from clipdense.evaluation.metrics import SegmentationMetric
 from clipdense.inference import OpenVocabPredictor, SegmenterConfig
 
 BACKGROUND_ENTRY = ", ".join(["background"] + [f"{b} background" for b in BACKGROUNDS])
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _image_embeddings(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -90,7 +85,7 @@ def zero_shot_accuracy(
     was_training = model.training
     model.eval()
     try:
-        with _autocast(device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             text = model.encode_text(tokenizer([f"a photo of a {name}" for name in names]).to(device), normalize=True)
         correct = 0
         for start in range(0, num_images, batch_size):
@@ -102,7 +97,7 @@ def zero_shot_accuracy(
                     for j in indices
                 ]
             ).to(device)
-            with _autocast(device):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 features = _image_embeddings(model, images)
             predictions = (features.float() @ text.float().T).argmax(dim=1)
             correct += int((predictions == targets).sum())
