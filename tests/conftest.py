@@ -12,6 +12,18 @@ from tiny_models import TINY_CONFIGS, StateHolder, register_tiny_configs  # noqa
 
 
 @pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Keep clipdense's on-disk caches (text embeddings) out of the user's ~/.cache, in-process and in subprocesses."""
+    old = os.environ.get("CLIPDENSE_CACHE")
+    os.environ["CLIPDENSE_CACHE"] = str(tmp_path_factory.mktemp("clipdense_cache"))
+    yield os.environ["CLIPDENSE_CACHE"]
+    if old is None:
+        os.environ.pop("CLIPDENSE_CACHE", None)
+    else:
+        os.environ["CLIPDENSE_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def tiny_configs(tmp_path_factory):
     register_tiny_configs(tmp_path_factory.mktemp("configs"))
     return sorted(TINY_CONFIGS)

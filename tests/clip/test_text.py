@@ -1,11 +1,14 @@
 """Prompt-ensemble text embeddings, synonyms and the embedding cache."""
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
 from clipdense.clip import TEMPLATE_SETS, TextEmbedder, load_clip, resolve_templates
-from clipdense.clip.text import IMAGENET_TEMPLATES, SCENE_TEMPLATES
+from clipdense.clip import text as text_module
+from clipdense.clip.text import IMAGENET_TEMPLATES, SCENE_TEMPLATES, encode_text, encodes_at_prompt_length
+from tiny_models import TINY_CONFIGS, TINY_TEXT
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,8 @@ def test_chunking_does_not_change_embeddings(clip):
 def test_cache_encodes_each_name_once(clip, monkeypatch):
     embedder = TextEmbedder(clip, "single")
     calls = []
-    original = clip.model.encode_text
-    monkeypatch.setattr(clip.model, "encode_text", lambda t: calls.append(len(t)) or original(t))
+    original = text_module.encode_text
+    monkeypatch.setattr(text_module, "encode_text", lambda m, t: calls.append(len(t)) or original(m, t))
     first = embedder.encode_names(["cat", "sky"])
     second = embedder.encode_names(["sky", "cat", "tree"])
     assert calls == [2, 1]
@@ -81,3 +84,75 @@ def test_a_name_too_long_for_the_context_is_warned_about(clip, caplog):
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
     assert "409 characters" in message and "77-token context" in message and "cat" not in message
+
+
+PROMPTS = [
+    t.format(n)
+    for n in ["cat", "traffic light", "a very long and unusual class name"]
+    for t in TEMPLATE_SETS["ensemble"][::7]
+]
+
+
+def _tiny_clip(cls=open_clip.CLIP, **text_cfg):
+    torch.manual_seed(0)
+    return cls(32, TINY_CONFIGS["tiny-ViT"]["vision_cfg"], {**TINY_TEXT, **text_cfg}).eval()
+
+
+def _count_encode_text(model, monkeypatch):
+    calls = []
+    original = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda t: calls.append(t.shape) or original(t))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["tiny-RN", "tiny-ViT"])
+def test_prompt_length_encoding_equals_full_context(name, monkeypatch):
+    model = load_clip(name, None).model
+    tokens = open_clip.get_tokenizer(name)(PROMPTS)
+    with torch.no_grad():
+        ref = model.encode_text(tokens)
+        calls = _count_encode_text(model, monkeypatch)
+        out = encode_text(model, tokens)
+    assert encodes_at_prompt_length(model) and calls == []  # the short path, not open_clip's
+    assert tokens.shape[1] == 77 and int(tokens.argmax(-1).max()) < 20
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_prompt_length_encoding_with_a_linear_projection(monkeypatch):
+    model = _tiny_clip(proj_bias=True)
+    assert isinstance(model.text_projection, torch.nn.Linear) and encodes_at_prompt_length(model)
+    tokens = open_clip.get_tokenizer("tiny-ViT")(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_text(model, tokens), model.encode_text(tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _tiny_clip(pool_type="last"),
+        lambda: _tiny_clip(pool_type="first"),
+        lambda: _tiny_clip(no_causal_mask=True),
+        lambda: _tiny_clip(open_clip.CustomTextCLIP),
+    ],
+    ids=["last-pool", "first-pool", "bidirectional", "CustomTextCLIP"],
+)
+def test_other_text_towers_fall_back_to_open_clip(build, monkeypatch):
+    model = build()
+    tokens = open_clip.get_tokenizer("tiny-ViT")(PROMPTS)
+    with torch.no_grad():
+        ref = model.encode_text(tokens)
+        calls = _count_encode_text(model, monkeypatch)
+        out = encode_text(model, tokens)
+    assert not encodes_at_prompt_length(model) and calls == [tokens.shape]  # full context, through open_clip
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_length_sorted_chunks_keep_the_prompt_order(clip):
+    """Prompts of mixed lengths, sorted into chunks by length, come back in their order and equal one-by-one."""
+    embedder = TextEmbedder(clip, "single", chunk_size=4)
+    prompts = PROMPTS[::-1]
+    emb, cut, context = embedder._encode_prompts(prompts)
+    with torch.no_grad():
+        ref = F.normalize(clip.model.encode_text(clip.tokenizer(prompts)), dim=-1)
+    torch.testing.assert_close(emb, ref, atol=1e-5, rtol=0)
+    assert context == 77 and not cut.any()

@@ -1,0 +1,121 @@
+"""Where users wait: end-to-end wall time and peak memory of ``clipdense segment``, cold and warm.
+
+Each row runs ``clipdense segment --model RN50`` in a fresh process (start-up, imports and model loading included)
+on one JPEG, twice: cold (an empty cache folder, ``CLIPDENSE_CACHE``) and warm (the same folder again, so the class
+embeddings come from the disk cache). Peak RSS is that process's own (``os.wait4``). RN50 weights cannot be
+downloaded here: random RN50 weights are saved once to a ``.safetensors`` file and passed as ``--pretrained FILE``
+(speed does not depend on the weights, and a file gives the stable fingerprint the disk cache needs).
+
+    python benchmarks/segment_latency.py                       # every row
+    python benchmarks/segment_latency.py --rows 3-ensemble     # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = (
+    "person, car, tree, sky, road, building, grass, dog, cat, bicycle, "
+    "bus, chair, table, window, door, water, mountain, boat, bird, horse"
+).split(", ")
+
+
+@dataclass(frozen=True)
+class Row:
+    classes: int
+    templates: str
+    size: tuple[int, int]  # width, height
+    targets: dict[str, float]  # "cold s", "warm s", "peak GB" -> upper bound on this CPU
+
+
+ROWS = {
+    "3-ensemble": Row(3, "ensemble", (640, 480), {"warm s": 3.5}),
+    "20-ensemble": Row(20, "ensemble", (640, 480), {"cold s": 15.0, "warm s": 4.0}),
+    "20-single": Row(20, "single", (640, 480), {}),
+    "27mp-20-ensemble": Row(20, "ensemble", (6000, 4500), {"peak GB": 2.0}),
+}
+
+
+def random_weights(path: Path) -> Path:
+    """Random RN50 weights as a .safetensors file (written once, then reused: its fingerprint stays the same)."""
+    if not path.is_file():
+        import open_clip
+        from safetensors.torch import save_file
+
+        from clipdense.fileio import atomic_write
+
+        logging.disable(logging.WARNING)  # open_clip warns that the model is random: that is the point here
+        state = open_clip.create_model("RN50").state_dict()
+        logging.disable(logging.NOTSET)
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp)))
+    return path
+
+
+def test_image(path: Path, size: tuple[int, int]) -> Path:
+    """A smooth random-colour JPEG of ``size`` (width, height)."""
+    if not path.is_file():
+        rng = np.random.default_rng(0)
+        small = rng.integers(0, 256, (size[1] // 32 + 1, size[0] // 32 + 1, 3), dtype=np.uint8)
+        Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=90)
+    return path
+
+
+def run_segment(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS (GB) and exit code of one ``clipdense segment`` process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read()  # drain it so the child never blocks on a full pipe
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        print(stderr.decode(errors="replace")[-2000:], file=sys.stderr)
+    return seconds, usage.ru_maxrss * 1024 / 1e9, proc.returncode  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="rows to run")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "clipdense_segment_latency",
+                        help="folder for the weights file and images (kept between runs)")  # fmt: skip
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    weights = random_weights(args.work / "RN50_random.safetensors")
+    exe = Path(sys.executable).with_name("clipdense")
+    command = [str(exe)] if exe.is_file() else [sys.executable, "-m", "clipdense.cli"]
+
+    header = f"{'row':<18}{'run':<6}{'wall s':>8}{'peak GB':>9}  {'target':<14}{'ok':<4}"
+    print(header, "-" * len(header), sep="\n", flush=True)
+    for name in args.rows:
+        row = ROWS[name]
+        image = test_image(args.work / f"image_{row.size[0]}x{row.size[1]}.jpg", row.size)
+        with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+            env = {**os.environ, "CLIPDENSE_CACHE": cache}
+            env.pop("CLIPDENSE_NO_CACHE", None)
+            cli = [*command, "segment", str(image), "--model", "RN50", "--pretrained", str(weights),
+                   "--classes", ", ".join(CLASSES[: row.classes]), "--templates", row.templates,
+                   "--out", out, "--device", args.device]  # fmt: skip
+            for run in ("cold", "warm"):
+                seconds, peak, code = run_segment(cli, env)
+                checks = {"cold s": seconds if run == "cold" else None, "warm s": seconds if run == "warm" else None,
+                          "peak GB": peak}  # fmt: skip
+                target = [(k, v) for k, v in row.targets.items() if checks[k] is not None]
+                text = ", ".join(f"{k} <= {v:g}" for k, v in target)
+                ok = "fail" if code else ("yes" if all(checks[k] <= v for k, v in target) else "NO") if target else ""
+                print(f"{name:<18}{run:<6}{seconds:>8.2f}{peak:>9.2f}  {text:<14}{ok:<4}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
