@@ -43,6 +43,7 @@ def test_tag_with_quick_gelu_is_honoured(tiny_checkpoints, monkeypatch):
     cfg = {"url": "", "hf_hub": "org/x/", "quick_gelu": True, "mean": (0.5,) * 3, "std": (0.25,) * 3}
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: cfg if tag == "openai" else {})
     monkeypatch.setattr(open_clip, "download_pretrained", lambda c, cache_dir=None: str(paths["state_dict"]))
+    monkeypatch.setattr("clipdense.clip.loading._cached_or_reachable", lambda *args: None)  # not cached, online
     clip = load_clip("tiny-RN", "openai")
     assert clip.quick_gelu and clip.mean == (0.5,) * 3
     assert isinstance(clip.model.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
@@ -158,3 +159,18 @@ def test_hf_hub_from_a_populated_cache(tiny_checkpoints, tmp_path):
     save_file(sd, snapshot / "open_clip_model.safetensors")
     clip = load_clip("hf-hub:someone/tiny-clip", None, cache_dir=str(tmp_path))
     assert _same_weights(clip.model, reference)
+
+
+def test_skipped_initialisation_is_exact_and_restored(tiny_checkpoints):
+    """Random init is skipped when a checkpoint overwrites every weight; nn.init works again afterwards."""
+    import torch
+
+    from clipdense.clip.loading import load_clip
+
+    reference, files = tiny_checkpoints["tiny-RN"]
+    init_normal = torch.nn.init.normal_
+    loaded = load_clip("tiny-RN", files["safetensors"])
+    assert torch.nn.init.normal_ is init_normal
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    assert torch.nn.Linear(64, 64).weight.std() > 0.01
