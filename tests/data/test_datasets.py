@@ -12,11 +12,15 @@ from PIL import Image
 from clipdense.data.classnames import load_classnames
 from clipdense.data.datasets import (
     DATASETS,
+    ImageTooLargeError,
     LabelConvention,
     SegmentationDataset,
     build_dataset,
+    fit_pixels,
     list_datasets,
     read_image_rgb,
+    read_image_size,
+    read_mask,
 )
 
 H, W = 20, 24
@@ -417,3 +421,69 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(unit * 1000).save(tmp_path / "f1000.tiff")
     with pytest.raises(ValueError, match=r"values in \[0, 1000\].*8-bit"):
         read_image_rgb(tmp_path / "f1000.tiff")
+
+
+def _gradient(width: int, height: int) -> np.ndarray:
+    """A smooth [height, width, 3] uint8 image (compresses well, survives downscaling)."""
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    return np.stack([x, y, (x + y) / 2], axis=2).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_read_image_rgb_downscales_above_max_pixels(tmp_path, suffix):
+    path = tmp_path / f"big{suffix}"
+    Image.fromarray(_gradient(2000, 1500)).save(path)
+    image = read_image_rgb(path, max_pixels=250_000)
+    _, height, width = image.shape
+    assert (width, height) == fit_pixels(2000, 1500, 250_000) == (577, 433)
+    assert height * width <= 250_000 and abs(width - height * 2000 / 1500) <= 1
+    expected = torch.from_numpy(_gradient(width, height)).permute(2, 0, 1).float()
+    assert (image.float() - expected).abs().mean() < 3  # the same picture, smaller
+    assert read_image_rgb(path, max_pixels=3_000_000).shape == (3, 1500, 2000)  # not above the limit: as stored
+    assert fit_pixels(4000, 3000, None) == fit_pixels(4000, 3000, 0) == (4000, 3000)
+    assert fit_pixels(4000, 3000, 1_000_000) == (1154, 866)
+
+
+def test_no_decompression_bomb_noise_and_pil_limit_restored(tmp_path, monkeypatch):
+    """Images above PIL's MAX_IMAGE_PIXELS (even 2x above: an error in PIL) read without PIL's warning."""
+    import threading
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.fromarray(_gradient(64, 48)).save(tmp_path / "a.jpg")
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(tmp_path / "m.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image_rgb(tmp_path / "a.jpg").shape == (3, 48, 64)
+        assert read_mask(tmp_path / "m.png").shape == (48, 64)
+        assert read_image_size(tmp_path / "a.jpg") == (64, 48)
+        threads = [threading.Thread(target=read_image_rgb, args=(tmp_path / "a.jpg",)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_too_large_to_decode_is_refused_with_its_size(tmp_path, monkeypatch):
+    import clipdense.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "MAX_DECODE_PIXELS", 1000)
+    Image.fromarray(_gradient(64, 48)).save(tmp_path / "a.png")
+    Image.fromarray(_gradient(64, 48)).save(tmp_path / "a.jpg")
+    for path, limit, hint in [("a.png", None, "only JPEGs"), ("a.png", 500, "only JPEGs"), ("a.jpg", None, "limit")]:
+        with pytest.raises(ImageTooLargeError, match=f"64x48 pixels \\(0 MP\\), above the 0 MP.*{hint}") as error:
+            read_image_rgb(tmp_path / path, max_pixels=limit)
+        assert "corrupt" not in str(error.value)
+    assert read_image_rgb(tmp_path / "a.jpg", max_pixels=500).shape == (3, 19, 25)  # decoded at 1/2 scale
+    with pytest.raises(ImageTooLargeError, match="label mask"):
+        read_mask(tmp_path / "a.png")
+
+
+def test_read_image_size_follows_exif(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "r.jpg", exif=exif)
+    assert read_image_size(tmp_path / "r.jpg") == (W, H)
+    assert read_image_size(tmp_path / "r.jpg", apply_exif_orientation=True) == (H, W)
+    assert read_image_rgb(tmp_path / "r.jpg", apply_exif_orientation=True, max_pixels=100).shape[1:] == (10, 9)

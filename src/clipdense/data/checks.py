@@ -10,7 +10,7 @@ the file) or skip it, warn, and report how many were skipped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -207,6 +207,18 @@ def check_dataset(dataset: SegmentationDataset, limit: int | None = None, progre
     return report
 
 
+class SkippedSample(NamedTuple):
+    """A sample :class:`SkipBadSamples` skipped (with ``report=True``), on its way to the training loop.
+
+    Attributes:
+        path: The sample's image file.
+        reason: The reader's error message.
+    """
+
+    path: str
+    reason: str
+
+
 class SkipBadSamples(Dataset):
     """Dataset wrapper that either stops on a bad sample or skips it and counts it.
 
@@ -218,16 +230,20 @@ class SkipBadSamples(Dataset):
 
     With DataLoader workers each worker process holds its own copy of this wrapper, so :attr:`skipped` in
     the main process only sees samples loaded there (``num_workers=0``). For a total across workers, sum
-    ``batch["skipped"]`` (added by :func:`collate_skip_none`) over the batches.
+    ``batch["skipped"]`` (added by :func:`collate_skip_none`) over the batches. To also get the names there,
+    pass ``report=True`` and wrap the collate function in :class:`ReportSkipped`.
 
     Args:
         dataset: The dataset to wrap; its items must be dicts.
         skip: Whether to skip bad samples instead of raising.
+        report: Return a :class:`SkippedSample` instead of ``None`` and log nothing: the consumer of the
+            batches (via :class:`ReportSkipped`) logs it, in its own process.
     """
 
-    def __init__(self, dataset: Dataset, skip: bool = False) -> None:
+    def __init__(self, dataset: Dataset, skip: bool = False, report: bool = False) -> None:
         self.dataset = dataset
         self.skip = skip
+        self.report = report
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -240,7 +256,7 @@ class SkipBadSamples(Dataset):
             return str(entry[0] if isinstance(entry, tuple | list) else entry)
         return f"sample {index} of {self.dataset!r}"
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample | None:
         try:
             return self.dataset[index]
         except BAD_SAMPLE_ERRORS as error:
@@ -248,11 +264,35 @@ class SkipBadSamples(Dataset):
                 raise
             path = self._describe(index)
             self.skipped.append(path)
+            if self.report:
+                return SkippedSample(path, str(error))
             logger.warning("skipping bad sample %s: %s", path, error)
             return None
 
     def __repr__(self) -> str:
         return f"SkipBadSamples({self.dataset!r}, skip={self.skip})"
+
+
+class ReportSkipped:
+    """Wraps a collate function (:func:`collate_skip_none`, ``collate_detection``) to pass on which samples
+    :class:`SkipBadSamples` (``report=True``) skipped.
+
+    Picklable, so it works in DataLoader workers; the names reach the main process inside the batch.
+
+    Args:
+        collate: Collates a list of samples in which skipped ones are ``None``.
+    """
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]]) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: list[Any]) -> dict[str, Any]:
+        """The inner collate's dict, with the skipped samples as ``None``, plus ``"skipped_samples"``: the
+        :class:`SkippedSample` entries of ``batch``."""
+        skipped = [sample for sample in batch if isinstance(sample, SkippedSample)]
+        collated = self.collate([None if isinstance(sample, SkippedSample) else sample for sample in batch])
+        collated["skipped_samples"] = skipped
+        return collated
 
 
 def collate_skip_none(batch: list[dict[str, Any] | None]) -> dict[str, Any]:

@@ -8,7 +8,10 @@ folder (e.g. ``data/VOCdevkit/VOC2012``, ``data/ADEChallengeData2016``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -16,13 +19,71 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
 from .classnames import load_classnames, read_class_file
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _MAX_LISTED = 5  # how many offending files/values an error message names
+#: Largest image decoded at full size (1.5 GB as uint8 RGB, about 3x that while decoding). Replaces PIL's
+#: decompression-bomb limit (a warning above 89 MP, an error above 179 MP) in the readers here. A JPEG
+#: above it still reads with ``max_pixels``: it is decoded at 1/2 .. 1/8 scale.
+MAX_DECODE_PIXELS = 500_000_000
+
+
+class ImageTooLargeError(ValueError):
+    """An image too large to decode at the size asked for (see :data:`MAX_DECODE_PIXELS`)."""
+
+
+_pil_check = {"lock": threading.Lock(), "users": 0, "saved": None}
+
+
+@contextmanager
+def _pil_bomb_check_off() -> Iterator[None]:
+    """Turns PIL's decompression-bomb check off inside the block: the readers check sizes themselves.
+
+    PIL's messages read as an attack or (above 179 MP) a crash. Blocks in several threads may overlap;
+    ``Image.MAX_IMAGE_PIXELS`` gets its value back when the last one ends. Other code that opens images
+    while a block runs is not checked by PIL either.
+    """
+    with _pil_check["lock"]:
+        if _pil_check["users"] == 0:
+            _pil_check["saved"], Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _pil_check["users"] += 1
+    try:
+        yield
+    finally:
+        with _pil_check["lock"]:
+            _pil_check["users"] -= 1
+            if _pil_check["users"] == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_check["saved"]
+
+
+def fit_pixels(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """The size that fits ``max_pixels`` with the same aspect ratio (within 1 px), or the size itself.
+
+    Args:
+        width: Image width W.
+        height: Image height H.
+        max_pixels: Most pixels allowed; None or 0: no limit.
+
+    Returns:
+        ``(width, height)``, with ``width * height <= max_pixels`` when there is a limit (and no side below 1).
+    """
+    if not max_pixels or width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+
+
+def _check_decode_size(path: Path, full: tuple[int, int], decode: tuple[int, int], hint: str) -> None:
+    """Raises ImageTooLargeError (ending with ``hint``) if decoding ``path`` at ``decode`` (W, H) is too large."""
+    if decode[0] * decode[1] > MAX_DECODE_PIXELS:
+        raise ImageTooLargeError(
+            f"{path} is {full[0]}x{full[1]} pixels ({full[0] * full[1] / 1e6:.0f} MP), above the "
+            f"{MAX_DECODE_PIXELS / 1e6:.0f} MP that are decoded at once; {hint}"
+        )
 
 
 @dataclass(frozen=True)
@@ -121,42 +182,78 @@ def _to_uint8_rgb(image: Image.Image, path: Path) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
 
 
-def read_image_rgb(path: str | Path, apply_exif_orientation: bool = False) -> torch.Tensor:
+def read_image_rgb(
+    path: str | Path, apply_exif_orientation: bool = False, max_pixels: int | None = None
+) -> torch.Tensor:
     """Reads an image file as RGB with PIL (grayscale, palette and CMYK images are converted).
 
     PIL rather than ``torchvision.io.decode_image``, whose decoders are deprecated since torchvision 0.29.
+    PIL's decompression-bomb warning/error is replaced by :data:`MAX_DECODE_PIXELS`.
 
     Args:
         path: Image file.
         apply_exif_orientation: Rotate/flip as the EXIF orientation tag says (for user photos). Keep False
             for datasets: their annotation masks are aligned with the stored pixels.
+        max_pixels: Downscale an image with more pixels than this to :func:`fit_pixels` (Lanczos; JPEGs are
+            decoded at 1/2 .. 1/8 scale first, which keeps time and memory small). None or 0: full size.
 
     Returns:
-        ``[3, H, W]`` uint8 tensor.
+        ``[3, H, W]`` uint8 tensor, ``H * W <= max_pixels`` when a limit is given.
 
     Raises:
         FileNotFoundError: If the file does not exist.
+        ImageTooLargeError: If the image would be decoded with more than :data:`MAX_DECODE_PIXELS` pixels.
         ValueError: If the file cannot be decoded, or is a 16-bit/float image whose values are not
             brightness in [0, 65535] / [0, 1] (those in range are scaled to 8 bits).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found")
-    decoded = False  # decoding errors are reported as corrupt files; value-range errors as themselves
+    decoded = False  # decoding errors are reported as corrupt files; size and value-range errors as themselves
     try:
-        with Image.open(path) as image:
+        with _pil_bomb_check_off(), Image.open(path) as image:
+            full = image.size
+            size = fit_pixels(*full, max_pixels)
+            if size != full:
+                image.draft("RGB", size)  # JPEG: decode at the smallest 1/2^k scale still >= size
+            if not max_pixels and image.format in ("JPEG", "MPO"):
+                hint = "read it downscaled with a pixel limit (max_pixels; --max-pixels N on the command line)"
+            else:
+                hint = f"only JPEGs can be decoded downscaled: convert it to JPEG or downscale the {image.format} file"
+            _check_decode_size(path, full, image.size, hint)
             image.load()
+            if size != image.size:
+                if image.mode in ("1", "P"):
+                    image = image.convert("RGB")  # PIL resizes these with nearest neighbours
+                image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
             if apply_exif_orientation:
                 image = ImageOps.exif_transpose(image)
             decoded = True
             return torch.from_numpy(_to_uint8_rgb(image, path)).permute(2, 0, 1).contiguous()
     except (OSError, ValueError) as error:
-        if decoded:
+        if decoded or isinstance(error, ImageTooLargeError):
             raise
         raise ValueError(
             f"could not decode image {path} ({error}); the file is corrupt or not an image: re-extract the "
             "dataset or remove this file from the split"
         ) from error
+
+
+def read_image_size(path: str | Path, apply_exif_orientation: bool = False) -> tuple[int, int]:
+    """The size of an image file, from its header (nothing is decoded).
+
+    Args:
+        path: Image file.
+        apply_exif_orientation: The size as :func:`read_image_rgb` with this flag gives it (W and H swap for
+            photos stored rotated by 90 degrees).
+
+    Returns:
+        ``(width, height)``.
+    """
+    with _pil_bomb_check_off(), Image.open(path) as image:
+        width, height = image.size
+        turned = apply_exif_orientation and image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -170,6 +267,7 @@ def read_mask(path: str | Path) -> np.ndarray:
 
     Raises:
         FileNotFoundError: If the file does not exist.
+        ImageTooLargeError: If the mask has more than :data:`MAX_DECODE_PIXELS` pixels.
         ValueError: If the file cannot be decoded, or is a 16-bit/float image whose values are not
             brightness in [0, 65535] / [0, 1] (those in range are scaled to 8 bits).
     """
@@ -177,8 +275,11 @@ def read_mask(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"label mask {path} not found")
     try:
-        with Image.open(path) as mask:
+        with _pil_bomb_check_off(), Image.open(path) as mask:
+            _check_decode_size(path, mask.size, mask.size, "check that it is a label mask")
             return np.array(mask)
+    except ImageTooLargeError:
+        raise
     except (OSError, ValueError) as error:
         raise ValueError(
             f"could not decode label mask {path} ({error}); the file is corrupt or not an image: "

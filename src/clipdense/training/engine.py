@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clipdense.config import ExperimentConfig, save_config
+from clipdense.data.checks import ReportSkipped, SkipBadSamples, SkippedSample
 from clipdense.data.datasets import DETECTION_DATASET
 from clipdense.fileio import atomic_write_json
 from clipdense.runs import build_eval_dataset, is_detection, latest_checkpoint, load_weights, save_checkpoint
@@ -174,19 +175,59 @@ def lr_factor(step: int, cfg, total: int, base_lr: float, milestones: Sequence[i
 # ------------------------------------------------------------------------------------------- setup
 
 
+def _available_devices() -> str:
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ", ".join(["auto", "cpu", *(["cuda", *cuda] if cuda else []), *(["mps"] if _mps_available() else [])])
+
+
+def _mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def _device(name: str, local: int, world: int) -> torch.device:
+    """The device ``train.device`` names: ``auto``, ``cpu``, ``cuda`` (the GPU of this process's local
+    rank), ``cuda:N`` (one process only) or ``mps``.
+
+    Raises:
+        ValueError: The string is no device, or names one this machine does not have.
+    """
+    if name == "auto":
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    available = f"available here: {_available_devices()}"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train.device={name!r} is not a device name ({available})") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but CUDA is not available ({available})")
+        if device.index is None:
+            return torch.device("cuda", local)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"train.device={name!r}: this machine has no GPU {device.index} ({available})")
+        if world > 1:
+            raise ValueError(
+                f"train.device={name!r} names one GPU for {world} processes: use train.device=cuda (each "
+                "process takes the GPU of its LOCAL_RANK)"
+            )
+        return device
+    if device.type == "mps" and not _mps_available():
+        raise ValueError(f"train.device={name!r} but MPS is not available ({available})")
+    if device.type not in ("cpu", "mps"):
+        raise ValueError(f"train.device={name!r}: training runs on cpu, cuda or mps ({available})")
+    return device
+
+
 def _distributed(device_name: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu")
+    device = _device(device_name, local, world)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
 
 
 def _freeze_bn(model: nn.Module) -> None:
@@ -284,7 +325,6 @@ def train(
         progress: Show a progress bar (rank 0).
         stop_after: Stop (with a checkpoint, resumable) after this step, as an interruption would.
     """
-    from clipdense.data.checks import SkipBadSamples
     from clipdense.models.registry import create_model
 
     rank, world, device = _distributed(cfg.train.device)
@@ -341,6 +381,12 @@ def train(
         load_weights(model, ckpt / "model.safetensors")
         state = load_state(ckpt / "state.pt")
         step, skipped_total = restore_state(state, **parts), int(state.get("skipped", 0))
+    if ckpt is not None and step >= total_iters:  # nothing to train: leave the run's outputs as they are
+        if main_process:
+            print(f"the run is already finished (step {step} of {total_iters}): {run_dir}")
+        return dict(step=step, finished=True, losses=[], run_dir=str(run_dir), skipped=skipped_total)
+    # raises for a training set smaller than one global batch: before the run directory is created
+    sampler = StepSampler(len(dataset), cfg.train.batch_size, rank, world, cfg.train.seed, start_step=step)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def checkpoint() -> Path:
@@ -378,14 +424,13 @@ def train(
                 if any(dataset.annotation_report[k] for k in ANNOTATION_PROBLEMS):
                     print(summary)
 
-        samples = SeededSamples(SkipBadSamples(dataset, skip=cfg.data.skip_bad), cfg.train.seed)
-        sampler = StepSampler(len(dataset), cfg.train.batch_size, rank, world, cfg.train.seed, start_step=step)
+        samples = SeededSamples(SkipBadSamples(dataset, skip=cfg.data.skip_bad, report=True), cfg.train.seed)
         loader = DataLoader(
             samples,
             batch_size=cfg.train.batch_size,
             sampler=sampler,
             num_workers=cfg.data.workers,
-            collate_fn=collate,
+            collate_fn=ReportSkipped(collate),
             persistent_workers=cfg.data.workers > 0,
             worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(cfg.train.seed),  # leaves the global RNG (dropout) alone
@@ -395,13 +440,18 @@ def train(
         model.train()
         if cfg.train.freeze_bn:
             _freeze_bn(model)
-        tic = time.perf_counter()
+        tic, tic_step = time.perf_counter(), step
+        named: set[str] = set()  # skipped samples already in train.log
+        requested = 0
         data_iter = iter(loader)
         with StopRequests() as stops, log.progress(total_iters, step, cfg.name, show=progress) as bar:
             try:
                 while step < total_iters:
                     batch = next(data_iter)
-                    skipped_total += _all_reduce_int(batch["skipped"], world)
+                    skipped = _all_reduce_int(batch["skipped"], world)
+                    if skipped:
+                        skipped_total += skipped
+                        _log_skipped(batch["skipped_samples"], world, main_process, named)
                     if batch["images" if detection else "image"] is None:
                         raise ValueError(
                             "a whole batch was skipped as bad samples; check the dataset (clipdense check-dataset)"
@@ -429,17 +479,18 @@ def train(
                             "loss": loss.item(),
                             **{k: v.item() for k, v in losses.items()},
                             "lr": optimizer.param_groups[0]["lr"],
-                            "images_per_s": global_batch * cfg.train.log_every / elapsed,
+                            "images_per_s": global_batch * (step - tic_step) / elapsed,
                             "skipped": skipped_total,
                         }
-                        tic = time.perf_counter()
+                        tic, tic_step = time.perf_counter(), step
                         log.write(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
                     if (step % cfg.train.ckpt_every == 0 or step == total_iters) and main_process:
                         checkpoint()
                     if evaluate and step % cfg.train.eval_every == 0 and step < total_iters:
                         _evaluate_during_training(model, cfg, device, log, step)
-                    if _all_reduce_int(int(stops.requested), world) or (stop_after is not None and step >= stop_after):
+                    requested = _all_reduce_int(int(stops.requested), world)
+                    if step < total_iters and (requested or (stop_after is not None and step >= stop_after)):
                         raise _Stop()  # at a step boundary: the checkpoint below is a consistent state
             except _Stop:
                 if main_process:
@@ -449,7 +500,10 @@ def train(
                 return result(finished=False)
         if skipped_total and main_process:
             print(f"skipped {skipped_total} bad samples in total (see train.log)")
-        if evaluate:
+        if evaluate and requested:  # a stop asked for on the last step: finished, but no time for evaluation
+            logger.info("stop requested on the last step: final evaluation skipped")
+            print(f"stop requested on the last step: final evaluation skipped; run clipdense eval {run_dir}")
+        elif evaluate:
             _evaluate_during_training(model, cfg, device, log, step)
     if world > 1:
         dist.barrier()
@@ -468,6 +522,18 @@ def _forward(ddp, model, batch, detection: bool, device: torch.device, precision
             labels = batch["label"].to(device, non_blocking=True)
             losses = model.losses(ddp(images), labels)
         return losses, sum(losses.values())
+
+
+def _log_skipped(samples: list[SkippedSample], world: int, main_process: bool, named: set[str]) -> None:
+    """Logs the bad samples every rank skipped in this step to train.log, each file once per run."""
+    if world > 1:
+        gathered: list[list[SkippedSample] | None] = [None] * world
+        dist.all_gather_object(gathered, samples)
+        samples = [sample for rank_samples in gathered for sample in rank_samples or []]
+    for path, reason in samples:
+        if main_process and path not in named:
+            named.add(path)
+            logger.warning("skipped bad sample %s: %s", path, reason)
 
 
 def _all_reduce_int(value: int, world: int) -> int:
