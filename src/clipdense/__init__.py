@@ -13,7 +13,7 @@ _EXPORTS = {  # what the README uses; everything else is imported from its layer
     "create_model": "clipdense.models.registry",
     "list_models": "clipdense.models.registry",
     "OpenVocabPredictor": "clipdense.inference.predictor",
-    "SegmenterConfig": "clipdense.inference.predictor",
+    "SegmenterConfig": "clipdense.config",
     "TrainedPredictor": "clipdense.inference.predictor",
     "DetectionPredictor": "clipdense.inference.predictor",
 }

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -75,8 +75,8 @@ class OptimConfig:
         steps: Step-schedule milestones, in epochs when ``train.epochs`` is set, else in iterations.
     """
 
-    name: str = "adamw"
-    schedule: str = "poly"
+    name: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["poly", "step"] = "poly"
     steps: tuple[float, ...] = ()
     step_gamma: float = 0.1
     momentum: float = 0.9
@@ -105,7 +105,7 @@ class TrainConfig:
     iters: int = 80000
     epochs: int | None = None
     batch_size: int = 4
-    precision: str = "bf16"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     grad_checkpointing: bool = False
     sync_bn: bool = True
     freeze_bn: bool = False
@@ -126,13 +126,57 @@ class EvalConfig:
     flip: Average with the horizontally flipped image.
     """
 
-    mode: str = "slide"
+    mode: Literal["slide", "whole"] = "slide"
     short_side: int | None = 512
     crop: int = 512
     stride: int = 341
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     limit: int | None = None
+
+
+#: The training-free dense modes (:func:`clipdense.clip.dense.dense_clip_encoder`).
+MODES: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip", "vanilla")
+
+
+@dataclass
+class SegmenterConfig:
+    """Inference settings; the defaults follow the shared protocol of MaskCLIP's successors.
+
+    Attributes:
+        mode: Dense mode (``maskclip``, ``sclip``, ``clearclip``, ``naclip``, ``vanilla``).
+        templates: Prompt template set (``ensemble`` = 80 ImageNet + 5 scene templates, ``single``).
+        short_side: Resize the shorter image side to this before inference (None: keep).
+        window: Sliding-window crop size; None for whole-image inference.
+        stride: Sliding-window stride.
+        logit_scale: Temperature applied to cosine scores before the softmax over classes.
+        background_threshold: Pixels whose top class probability is below this become background
+            (a ``background`` class is prepended when the list has none).
+        prompt_denoise: MaskCLIP prompt denoising threshold (0.5 in MaskCLIP+); None: off.
+        key_smoothing: MaskCLIP key smoothing threshold (0.5 in MaskCLIP+); None: off.
+        window_batch: Windows encoded per forward pass.
+    """
+
+    mode: str = "maskclip"
+    templates: str = "ensemble"
+    short_side: int | None = 336
+    window: int | None = 224
+    stride: int = 112
+    logit_scale: float = 40.0
+    background_threshold: float | None = None
+    prompt_denoise: float | None = None
+    key_smoothing: float | None = None
+    window_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode '{self.mode}'; choose one of {MODES}")
+        if self.window is not None and not 0 < self.stride <= self.window:
+            raise ValueError(f"stride must be in (0, window]; got stride {self.stride}, window {self.window}")
+        for name in ("background_threshold", "prompt_denoise", "key_smoothing"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1]; got {value}")
 
 
 @dataclass
@@ -152,6 +196,39 @@ class ExperimentConfig:
         return asdict(self)
 
 
+class ConfigError(ValueError):
+    """A config that cannot describe a run: a malformed file or override, an unknown key, a value out of range."""
+
+
+#: Keys whose value must be > 0 (or >= 0) when set; the check runs after types are checked.
+_POSITIVE = (
+    "data.crop_size", "optim.lr", "train.iters", "train.epochs", "train.batch_size", "train.log_every",
+    "train.ckpt_every", "eval.short_side", "eval.crop", "eval.stride", "eval.limit",
+)  # fmt: skip
+_NON_NEGATIVE = (
+    "data.workers", "data.cat_max_ratio", "optim.weight_decay", "optim.warmup_iters", "optim.min_lr",
+    "optim.momentum", "train.eval_every", "optim.grad_clip",
+)  # fmt: skip
+
+
+def _check_ranges(cfg: ExperimentConfig) -> None:
+    for key in (*_POSITIVE, *_NON_NEGATIVE):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        if key in _POSITIVE and value <= 0:
+            raise ConfigError(f"{key}={value} is not allowed: it must be > 0")
+        if value < 0:
+            raise ConfigError(f"{key}={value} is not allowed: it must be >= 0 ({key}=0 turns it off)"
+                              if key in ("train.eval_every", "optim.grad_clip") else
+                              f"{key}={value} is not allowed: it must be >= 0")  # fmt: skip
+    if not 0 < cfg.data.ratio_range[0] <= cfg.data.ratio_range[1]:
+        raise ConfigError(f"data.ratio_range={list(cfg.data.ratio_range)}: needs 0 < low <= high")
+    if any(s <= 0 for s in cfg.eval.scales) or not cfg.eval.scales:
+        raise ConfigError(f"eval.scales={list(cfg.eval.scales)}: needs at least one ratio, each > 0")
+
+
 def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
@@ -162,12 +239,17 @@ def _merge(base: dict, update: dict) -> dict:
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
-        raise ValueError(f"config inheritance loops through {path}")
+        raise ConfigError(f"config inheritance loops through {path}")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must be a mapping of sections")
+        raise ConfigError(f"{path}: a config file must be a mapping of sections")
     base = data.pop("_base_", None)
     if base is None:
         return data
@@ -187,23 +269,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
-        raise ValueError(f"{where}: {value!r} does not fit {tp} ({'; '.join(errors)})")
+        raise ConfigError(f"{where}: {value!r} does not fit {tp} ({'; '.join(errors)})")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}={value!r} is not allowed: use one of {', '.join(map(str, allowed))}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _build(tp, value, where)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], where) for v in value)
         if len(args) != len(value):
-            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
     if origin in (list, dict):
         if not isinstance(value, origin):
-            raise ValueError(f"{where}: expected a {origin.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected a {origin.__name__}, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -212,10 +299,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 
 
@@ -224,7 +311,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}")
+        raise ConfigError(f"unknown config key(s) {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}")
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in data.items()})
 
 
@@ -234,12 +321,18 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form section.key=value")
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                "quote strings with special characters, e.g. key='{a'"
+            ) from e
     return out
 
 
@@ -252,10 +345,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Returns:
         The typed config.
+
+    Raises:
+        FileNotFoundError: A config file (or its ``_base_``) does not exist.
+        ConfigError: Malformed YAML or override, unknown key, wrong type, or a value out of range.
     """
     data = _read_yaml(Path(path)) if path is not None else {}
     data = _merge(data, parse_overrides(overrides or []))
-    return _build(ExperimentConfig, data, "")
+    cfg = _build(ExperimentConfig, data, "")
+    _check_ranges(cfg)
+    return cfg
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -66,19 +66,21 @@ def _bad(tmp_path, tiny_checkpoints, images):
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("hello")
     model = ["--model", "tiny-RN", "--pretrained", ckpt]
-    return {
-        "missing image": (["segment", tmp_path / "nope.png", "--classes", "a, b", *model], "image not found"),
-        "not an image": (["segment", not_image, "--classes", "a, b", *model], "cannot read image"),
-        "empty classes": (["segment", images[0], "--classes", " ", *model], "no classes"),
-        "duplicate classes": (["segment", images[0], "--classes", "cat, dog, Cat", *model], "appears twice"),
+    return {  # exit status 2: the command line is wrong; 1: the weights are
+        "missing image": (["segment", tmp_path / "nope.png", "--classes", "a, b", *model], "image not found", 2),
+        "not an image": (["segment", not_image, "--classes", "a, b", *model], "cannot read image", 2),
+        "empty classes": (["segment", images[0], "--classes", " ", *model], "no classes", 2),
+        "duplicate classes": (["segment", images[0], "--classes", "cat, dog, Cat", *model], "appears twice", 2),
         "missing checkpoint": (
             ["segment", images[0], "--classes", "a", "--model", "tiny-RN", "--pretrained", tmp_path / "x.pt"],
             "checkpoint file not found",
+            1,
         ),
-        "offline tag": (["segment", images[0], "--classes", "a", "--model", "RN50"], "pass its path"),
+        "offline tag": (["segment", images[0], "--classes", "a", "--model", "RN50"], "pass its path", 1),
         "wrong architecture": (
             ["segment", images[0], "--classes", "a", "--model", "tiny-ViT", "--pretrained", ckpt],
             "do not fit the architecture",
+            1,
         ),
     }
 
@@ -89,10 +91,10 @@ def _bad(tmp_path, tiny_checkpoints, images):
      "wrong architecture"],
 )  # fmt: skip
 def test_bad_input_one_message_no_output(tiny_checkpoints, images, tmp_path, capsys, case):
-    args, message = _bad(tmp_path, tiny_checkpoints, images)[case]
+    args, message, status = _bad(tmp_path, tiny_checkpoints, images)[case]
     out_dir = tmp_path / "out"
     code, _, err = _run(capsys, *args, "--out", out_dir, *FAST)
-    assert code == 1
+    assert code == status
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clipdense: error:") and message in lines[0], err
     assert not out_dir.exists() or not any(out_dir.iterdir())
@@ -107,7 +109,7 @@ def test_a_truncated_jpeg_among_several_stops_before_any_output(tiny_checkpoints
     model = ["--model", "tiny-RN", "--pretrained", tiny_checkpoints["tiny-RN"][1]["safetensors"]]
     code, _, err = _run(capsys, "segment", images[0], truncated, images[1], "--classes", "a; b", *model,
                         "--out", out_dir, *FAST)  # fmt: skip
-    assert code == 1 and "cut.jpg" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "cut.jpg" in err and len(err.strip().splitlines()) == 1
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
@@ -132,3 +134,38 @@ def test_random_weights_need_the_flag(tiny_configs, images, tmp_path, capsys):
                         "--out", tmp_path / "o", *FAST)  # fmt: skip
     assert code == 0, err
     assert torch.tensor(np.array(Image.open(tmp_path / "o" / "img0_labels.png"))).max() < 2
+
+
+def test_max_pixels_downscales_with_a_notice(tiny_checkpoints, images, tmp_path, capsys):
+    model = ["--model", "tiny-RN", "--pretrained", tiny_checkpoints["tiny-RN"][1]["safetensors"]]
+    out_dir = tmp_path / "out"
+    code, out, err = _run(capsys, "segment", *images, "--classes", "a, b", *model, "--out", out_dir, *FAST,
+                          "--max-pixels", "1000")  # fmt: skip
+    assert code == 0, err
+    assert (
+        "img0.jpg: 70x50 (0.0035 MP) is above --max-pixels 0.001 MP: downscaled to 37x26, outputs are at that size "
+        "(--max-pixels 0 keeps the full size)" in out.splitlines()
+    )
+    assert "img1.jpg: 48x64 (0.00307 MP)" in out
+    assert np.array(Image.open(out_dir / "img0_labels.png")).shape == (26, 37)
+    assert json.loads((out_dir / "img0.json").read_text())["size"] == [26, 37]
+    code, out, _ = _run(capsys, "segment", images[0], "--classes", "a, b", *model, "--out", out_dir, *FAST,
+                        "--max-pixels", "0")  # fmt: skip
+    assert code == 0 and "max-pixels" not in out
+    assert np.array(Image.open(out_dir / "img0_labels.png")).shape == (50, 70)
+
+
+def test_negative_max_pixels_is_a_usage_error(images, capsys):
+    assert main(["segment", str(images[0]), "--classes", "a, b", "--max-pixels", "-1"]) == 2
+    assert "--max-pixels: must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_class_embeddings_are_cached_on_disk_unless_no_cache(tiny_checkpoints, images, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CLIPDENSE_CACHE", str(cache))
+    model = ["--model", "tiny-RN", "--pretrained", tiny_checkpoints["tiny-RN"][1]["safetensors"]]
+    args = ["segment", images[0], "--classes", "cat, grass", *model, "--out", tmp_path / "out", *FAST]
+    assert _run(capsys, *args, "--no-cache")[0] == 0
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+    assert _run(capsys, *args)[0] == 0
+    assert len(list(cache.rglob("*.safetensors"))) == 1

@@ -51,3 +51,19 @@ def test_eval_zeroshot_reports_metrics(tiny_checkpoints, tmp_path, capsys):
 def test_eval_zeroshot_missing_root(tmp_path, capsys):
     code, _, err = _run(capsys, "eval-zeroshot", "--dataset", "voc21", "--root", tmp_path / "nope", "--random-weights")
     assert code == 1 and "VOC" in err
+
+
+def test_eval_zeroshot_default_report_goes_under_outputs(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    """Not into the current folder, and a partial run (--limit) does not overwrite the full report."""
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade(root)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    ckpt = tiny_checkpoints["tiny-RN"][1]["state_dict"]
+    args = ["eval-zeroshot", "--dataset", "ade20k", "--root", root, "--model", "tiny-RN", "--pretrained", ckpt, *FAST]
+    assert _run(capsys, *args)[0] == 0
+    assert _run(capsys, *args, "--limit", "2")[0] == 0
+    assert sorted(p.name for p in work.iterdir()) == ["outputs"]
+    assert json.loads((work / "outputs" / "eval_ade20k_maskclip.json").read_text())["images"] == 3
+    assert json.loads((work / "outputs" / "eval_ade20k_maskclip_limit2.json").read_text())["images"] == 2

@@ -97,7 +97,7 @@ def test_segment_without_a_model_uses_the_shipped_clip(tmp_path, capsys):
         present = sorted({int(c) for c in scene.labels})
         classes = ", ".join(names[c] for c in present)
         assert main(["segment", str(path), "--classes", classes, "--out", str(tmp_path / "out")]) == 0
-        assert "model: ShapesCLIP-RN (shapesworld)" in capsys.readouterr().out
+        assert "model: ShapesCLIP-RN (shapesworld, QuickGELU off)" in capsys.readouterr().out
         predicted = np.array(Image.open(tmp_path / "out" / f"scene{seed}_labels.png"))
         objects = scene.semantic > 0
         truth = np.searchsorted(present, scene.semantic.astype(np.int64) - 1)  # class -> index in --classes

@@ -150,3 +150,16 @@ def test_inputs_and_errors(clip, image, tmp_path):
         SegmenterConfig(mode="bogus")
     with pytest.raises(ValueError, match="stride"):
         SegmenterConfig(window=64, stride=100)
+
+
+def test_read_image_max_pixels_for_every_input_kind(tmp_path):
+    from PIL import Image
+
+    pixels = np.zeros((300, 400, 3), np.uint8)
+    pixels[:, 200:] = 255  # left half black, right half white
+    Image.fromarray(pixels).save(tmp_path / "p.png")
+    for given in (tmp_path / "p.png", Image.fromarray(pixels), pixels, torch.from_numpy(pixels).permute(2, 0, 1)):
+        image = read_image(given, max_pixels=12_000)
+        assert image.shape == (3, 94, 126) and image.dtype == torch.uint8  # 126 x 94 = 11844 <= 12000
+        assert image[:, :, :60].max() == 0 and image[:, :, 66:].min() == 255
+        assert read_image(given).shape == read_image(given, max_pixels=120_000).shape == (3, 300, 400)

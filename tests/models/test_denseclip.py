@@ -483,3 +483,15 @@ def test_dropout_override():
     assert rates == {0.0}
     default = tiny("denseclip_fpn_rn50")
     assert {m.p for m in default.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)} == {0.1}
+
+
+def test_flops_placeholder_classes_fit_the_prompt_context(caplog):
+    """A config naming no classes is counted with placeholder names, which must not warn about truncation."""
+    from clipdense.config import load_config
+    from clipdense.evaluation.complexity import model_complexity
+
+    cfg = load_config(None, ["model.name=denseclip_fpn_rn50", "model.overrides.clip_model=tiny-RN"])
+    with caplog.at_level(logging.WARNING, logger="clipdense"):  # this module quiets it otherwise
+        counts = model_complexity(cfg, size=64)
+    assert counts.counts[0].gflops > 0 and "150 classes" in counts.format()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

@@ -72,7 +72,7 @@ def test_eval_and_detect_commands(trained, shapes_root, tmp_path, capsys):
     report = json.loads((tmp_path / "sw_000000.json").read_text())
     assert all(d["score"] >= 0.1 and d["class"] in cfg.model.class_names for d in report["detections"])
     assert (tmp_path / "sw_000000_detections.png").stat().st_size > 0
-    assert main(["detect", str(image), "--checkpoint", str(run), "--score-threshold", "2"]) == 1
+    assert main(["detect", str(image), "--checkpoint", str(run), "--score-threshold", "2"]) == 2
     assert main(["segment", str(image), "--checkpoint", str(run), "--out", str(tmp_path)]) == 1  # not a segmentor
 
 

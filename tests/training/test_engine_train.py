@@ -322,3 +322,38 @@ def test_tiny_ppl_learns_and_reports_uncertainty(colour_data, tmp_path, tiny_con
     report = json.loads((out / "010.json").read_text())["uncertainty"]
     assert report["image"] > 0 and set(report["class_sigma"]) == {"red thing", "green thing", "blue thing"}
     assert main(["segment", str(colour_data / "images" / "010.png"), "--checkpoint", str(tmp_path / "nope")]) == 1
+
+
+def test_segment_checkpoint_applies_or_refuses_each_flag(trained_run, colour_data, tmp_path, capsys):
+    """Inference flags reach a trained run's eval settings; training-free ones are refused, not ignored."""
+    cfg, _ = trained_run
+    base = ["segment", str(colour_data / "images" / "011.png"), "--checkpoint", str(cfg.run_dir)]
+    out = tmp_path / "seg"
+    assert main([*base, "--whole", "--short-side", "0", "--out", str(out)]) == 0
+    settings = json.loads((out / "011.json").read_text())["settings"]
+    assert settings["mode"] == "whole" and settings["short_side"] is None
+    assert main([*base, "--window", "32", "--stride", "16", "--out", str(out)]) == 0
+    settings = json.loads((out / "011.json").read_text())["settings"]
+    assert (settings["mode"], settings["crop"], settings["stride"]) == ("slide", 32, 16)
+    capsys.readouterr()
+    for flags in (["--model", "RN50"], ["--mode", "sclip"], ["--templates", "single", "--background-threshold", "0.3"]):
+        assert main([*base, *flags, "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flags[0] in err[0] and "only apply without --checkpoint" in err[0], err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_partial_eval_keeps_the_full_report(trained_run, capsys):
+    cfg, _ = trained_run
+    run = cfg.resolved_run_dir()
+    assert main(["eval", str(run), "--mode", "whole"]) == 0
+    full = run / "eval_folder_val_whole.json"
+    before = full.read_text()
+    assert main(["eval", str(run), "--mode", "whole", "--limit", "2"]) == 0
+    assert main(["eval", str(run), "--aug", "--limit", "1"]) == 0
+    assert full.read_text() == before
+    assert json.loads((run / "eval_folder_val_whole_limit2.json").read_text())["settings"]["limit"] == 2
+    assert (run / "eval_folder_val_aug_limit1.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--limit", "0"]) == 2
+    assert "--limit: must be > 0" in capsys.readouterr().err

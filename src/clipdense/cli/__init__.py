@@ -22,19 +22,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from clipdense import __version__
 from clipdense.cli import datasets, segment, shapesworld, train, zeroshot
-from clipdense.cli.common import CLIError
+from clipdense.cli.common import CLIError, Parser, check_device
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``func``, the command to run on the parsed arguments."""
-    parser = argparse.ArgumentParser(prog="clipdense", description="Language-guided dense prediction with CLIP.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    parser = Parser(prog="clipdense", description="Language-guided dense prediction with CLIP.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log loading details; tracebacks of errors")
     parser.add_argument("--version", action="version", version=f"clipdense {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (segment, zeroshot, train, datasets, shapesworld):  # the order of `clipdense --help`
@@ -43,23 +44,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (1 and a one-line message on a user error)."""
-    from clipdense.clip.loading import CLIPLoadError
+    """Run one command; returns the exit status.
+
+    0: done. 1: the command failed on its inputs (unreadable data, weights not found) or on an unexpected
+    error. 2: a usage error found before any work (a flag, argument, path or config value that cannot
+    work). 3: ``train`` stopped early, resumable. 130: interrupted. Errors are one line on stderr; ``-v``
+    adds the traceback.
+    """
+    from clipdense.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = bool({"-v", "--verbose"} & set(argv))
     try:
         if argv[:2] == ["shapesworld", "train"]:  # its own parser, options and --help included
             from clipdense.training.clip_pretrain import main as pretrain_main
 
             return pretrain_main(argv[2:])
-        args = build_parser().parse_args(argv)
-        level = logging.INFO if args.verbose else logging.WARNING
-        logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version or a usage error, which argparse has printed
+            return e.code if isinstance(e.code, int) else 2
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+        if hasattr(args, "device"):
+            args.device = check_device(args.device)
         code = args.func(args)
-    except (CLIError, CLIPLoadError, ValueError, FileNotFoundError) as e:
-        print(f"clipdense: error: {e}", file=sys.stderr)
-        return 1
+    except (CLIError, ConfigError) as e:
+        return _fail(f"clipdense: error: {e}", 2, verbose)
+    except (ValueError, OSError, ImportError) as e:  # ImportError: an optional package is missing
+        return _fail(f"clipdense: error: {e}", 1, verbose)
     except KeyboardInterrupt:  # training turns the first Ctrl-C into a checkpointed stop; this is a second one
         print("clipdense: interrupted (a training run keeps its last checkpoint: --resume continues)", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, unless it is CLIPLoadError (not imported above: it would import open_clip)
+        loading = sys.modules.get("clipdense.clip.loading")
+        if loading is not None and isinstance(e, loading.CLIPLoadError):
+            return _fail(f"clipdense: error: {e}", 1, verbose)
+        report = "please report it with the traceback" + ("" if verbose else " that -v prints")
+        return _fail(f"clipdense: unexpected error: {type(e).__name__}: {e} ({report})", 1, verbose)
     return code or 0
+
+
+def _fail(message: str, code: int, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    print(" ".join(message.split()), file=sys.stderr)  # one line, whatever the exception's text holds
+    return code

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from clipdense.cli.common import LazyChoices, positive_int
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``check-dataset``."""
-    from clipdense.data.datasets import DETECTION_DATASET, list_datasets
-
     p = sub.add_parser("check-dataset", help="label histogram and problems (unreadable, wrong size, bad labels)")
-    p.add_argument(
-        "--dataset", required=True, choices=[*list_datasets(), DETECTION_DATASET], help="coco: instances JSON layout"
-    )
-    p.add_argument("--root", required=True)
-    p.add_argument("--split", default="train")
-    p.add_argument("--limit", type=int, default=None)
+    names = LazyChoices("clipdense.data.datasets", "list_datasets", ["coco"])
+    p.add_argument("--dataset", required=True, choices=names, metavar="NAME",
+                   help="a segmentation layout, or coco (instances JSON): %(choices)s")  # fmt: skip
+    p.add_argument("--root", required=True, help="dataset folder in its standard layout")
+    p.add_argument("--split", default="train", help="split")
+    p.add_argument("--limit", type=positive_int, default=None, help="check only the first N samples")
     p.set_defaults(func=cmd_check_dataset)
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from clipdense.cli.common import (
     OFFLINE_MODEL,
     CLIError,
     add_device_arg,
+    add_max_pixels_arg,
     add_model_args,
     build_predictor,
     check_images,
+    check_output,
+    downscale_notice,
+    fraction,
+    trained_eval_overrides,
     write_json,
     write_png,
 )
@@ -26,14 +30,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="outputs", help="output folder")
     p.add_argument("--checkpoint", default=None, help="a `clipdense train` run directory (trained model)")
     p.add_argument("--uncertainty", action="store_true", help="PPL checkpoints: also write <name>_uncertainty.png")
+    add_max_pixels_arg(p)
     add_model_args(p, default_model=OFFLINE_MODEL)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("detect", help="detect objects with a trained detector: boxes (and masks) with class names")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="a `clipdense train` detection run directory")
-    p.add_argument("--score-threshold", type=float, default=0.3, help="keep detections scoring at least this")
+    p.add_argument("--score-threshold", type=fraction, default=0.3, help="keep detections scoring at least this")
     p.add_argument("--out", default="outputs", help="output folder")
+    add_max_pixels_arg(p)
     add_device_arg(p)
     p.set_defaults(func=cmd_detect)
 
@@ -49,30 +55,38 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
     if args.uncertainty and args.checkpoint is None:
         raise CLIError("--uncertainty needs a trained PPL model: add --checkpoint RUN_DIR")
+    if args.classes is not None and args.classes_file is not None:
+        raise CLIError("give the classes with --classes or with --classes-file, not both")
+    if args.checkpoint is None and args.classes is None and args.classes_file is None:
+        raise CLIError("give the classes either with --classes 'cat, grass, sky' or with --classes-file FILE")
+    classes = None
+    try:
+        if args.classes is not None:
+            classes = parse_class_list(args.classes)
+        elif args.classes_file is not None:
+            classes = read_class_file(args.classes_file)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    eval_overrides = trained_eval_overrides(args) if args.checkpoint is not None else {}
+    out_dir = check_output(args.out, folder=True)
+    images = check_images(args.images, args.max_pixels)
     if args.checkpoint is not None:
-        images = check_images(args.images)
-        predictor = TrainedPredictor.from_run(args.checkpoint, args.device)
-        names = predictor.class_names
-        if args.classes is not None or args.classes_file is not None:  # open-vocabulary models (MaskCLIP+)
-            classes = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
-            names = predictor.set_classes(classes)
+        predictor = TrainedPredictor.from_run(args.checkpoint, args.device, **eval_overrides)
+        names = predictor.set_classes(classes) if classes is not None else predictor.class_names  # MaskCLIP+: any
     else:
-        if (args.classes is None) == (args.classes_file is None):
-            raise CLIError("give the classes either with --classes 'cat, grass, sky' or with --classes-file FILE")
-        classes = parse_class_list(args.classes) if args.classes is not None else read_class_file(args.classes_file)
-        images = check_images(args.images)
         predictor = build_predictor(args)
         names = predictor.set_classes(classes)
         clip = predictor.clip
-        used = f"{clip.name} ({clip.pretrained or 'random weights'})"
+        used = f"{clip.name} ({clip.pretrained or 'random weights'}, QuickGELU {'on' if clip.quick_gelu else 'off'})"
         if clip.description:
             used += f": {clip.description}"
         if args.model is None:
             used += "; --model/--pretrained choose another CLIP"
         print(f"model: {used}")
-    out_dir = Path(args.out)
     for path in tqdm(images, desc="segment", unit="img", disable=len(images) < 2):
-        image = read_image(path)
+        image = read_image(path, args.max_pixels)
+        if notice := downscale_notice(path, image.shape[1:], args.max_pixels):
+            tqdm.write(notice)
         predictor.set_image(image)
         seg = predictor.predict(uncertainty=True) if args.uncertainty else predictor.predict()
         labels = seg.labels.numpy().astype(np.uint8 if len(names) <= 256 else np.uint16)
@@ -109,13 +123,13 @@ def cmd_detect(args: argparse.Namespace) -> None:
     from clipdense.inference import DetectionPredictor, read_image
     from clipdense.visualize import draw_detections
 
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise CLIError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
-    images = check_images(args.images)
+    out_dir = check_output(args.out, folder=True)
+    images = check_images(args.images, args.max_pixels)
     predictor = DetectionPredictor.from_run(args.checkpoint, args.device)
-    out_dir = Path(args.out)
     for path in tqdm(images, desc="detect", unit="img", disable=len(images) < 2):
-        image = read_image(path)
+        image = read_image(path, args.max_pixels)
+        if notice := downscale_notice(path, image.shape[1:], args.max_pixels):
+            tqdm.write(notice)
         predictor.set_image(image)
         found = predictor.predict(score_threshold=args.score_threshold)
         report = {

@@ -14,7 +14,7 @@ from clipdense.cli.common import OFFLINE_MODEL, add_device_arg, write_json, writ
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``demo`` and the ``shapesworld`` group (``generate``, ``train``, ``evaluate``)."""
-    from clipdense.clip.dense import MODES
+    from clipdense.config import MODES
 
     p = sub.add_parser("demo", help="segment a rendered ShapesWorld scene with the ShapesWorld CLIP")
     p.add_argument("--seed", type=int, default=7, help="scene seed")

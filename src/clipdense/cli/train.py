@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipdense.cli.common import add_device_arg, write_json
+from clipdense.cli.common import add_device_arg, check_output, positive_float, positive_int, write_json
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -18,23 +18,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="evaluate a trained run (mIoU; detectors: COCO box/mask AP)")
     p.add_argument("checkpoint", help="run directory written by `clipdense train`")
-    p.add_argument("--dataset", default=None, help="default: the training config's dataset")
-    p.add_argument("--root", default=None)
-    p.add_argument("--split", default=None)
-    p.add_argument("--mode", choices=("slide", "whole"), default=None)
-    p.add_argument("--scales", type=float, nargs="+", default=None, help="ratios of the short side")
-    p.add_argument("--flip", action="store_true")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the training config's)")
+    p.add_argument("--root", default=None, help="dataset folder (default: the training config's)")
+    p.add_argument("--split", default=None, help="split (default: the training config's data.val_split)")
+    p.add_argument("--mode", choices=("slide", "whole"), default=None, help="inference (default: the config's)")
+    p.add_argument("--scales", type=positive_float, nargs="+", default=None,
+                   help="ratios of the short side (default: the config's)")  # fmt: skip
+    p.add_argument("--flip", action="store_true", help="also average over the flipped image")
     p.add_argument("--aug", action="store_true", help="multi-scale (0.5..1.75) + flip, as the paper")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--out", default=None, help="JSON report path")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--out", default=None, help="JSON report path (default: RUN/eval_<dataset>_<split>[_<variant>]"
+                   ".json, the variant naming --mode/--aug/--scales/--flip/--limit)")  # fmt: skip
     add_device_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("flops", help="Params and GFLOPs of a config's model, counted as the paper does")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--size", type=int, default=None, help="square input side (default 1024; detectors 800x1344)")
-    p.add_argument("--num-classes", type=int, default=None, help="when the config names no classes (150; COCO 80)")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--size", type=positive_int, default=None, help="square input side (default: 1024; detectors "
+                   "800x1344)")  # fmt: skip
+    p.add_argument("--num-classes", type=positive_int, default=None,
+                   help="when the config names no classes (default: 150; COCO 80)")  # fmt: skip
     p.set_defaults(func=cmd_flops)
 
 
@@ -44,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clipdense.training.engine import train
 
     cfg = load_config(args.config, args.overrides)
+    check_output(cfg.resolved_run_dir(), folder=True, flag="run_dir")
     result = train(cfg, resume=args.resume)
     if result["finished"]:
         print(f"done: {result['step']} steps, run directory {result['run_dir']}")
@@ -54,6 +59,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Prints the report and writes it as JSON (``RUN/eval_<dataset>_<split>.json`` unless --out)."""
     from clipdense.evaluation.run import evaluate_run
 
+    if args.out is not None:
+        check_output(args.out, folder=False)
     result = evaluate_run(
         args.checkpoint,
         args.device,

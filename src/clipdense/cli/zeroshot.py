@@ -5,37 +5,53 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipdense.cli.common import CLIError, add_model_args, build_predictor, write_json
+from clipdense.cli.common import (
+    CLIError,
+    LazyChoices,
+    add_model_args,
+    build_predictor,
+    check_output,
+    positive_int,
+    write_json,
+)
+
+#: Where reports go unless --out says otherwise.
+REPORTS = Path("outputs")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``eval-zeroshot`` and ``robustness``."""
-    from clipdense.data.datasets import list_datasets
-    from clipdense.evaluation.robustness import CORRUPTIONS, SEVERITIES
+    datasets = LazyChoices("clipdense.data.datasets", "list_datasets")
+    corruptions = LazyChoices("clipdense.evaluation.robustness", "CORRUPTIONS")
+    severities = LazyChoices("clipdense.evaluation.robustness", "SEVERITIES")
 
     p = sub.add_parser("eval-zeroshot", help="training-free evaluation on a segmentation dataset")
-    p.add_argument("--dataset", required=True, choices=list_datasets())
+    p.add_argument("--dataset", required=True, choices=datasets, metavar="NAME", help="%(choices)s")
     p.add_argument("--root", required=True, help="dataset folder in its standard layout")
     p.add_argument("--split", default="val")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    p.add_argument("--out", default=None, help="JSON report path")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--out", default=None, help=f"JSON report path (default: {REPORTS}/eval_<dataset>_<mode>"
+                   "[_<corruption><severity>][_limit<N>].json)")  # fmt: skip
     g = p.add_argument_group("corruption (needs clipdense[robustness])")
-    g.add_argument("--corruption", choices=CORRUPTIONS, default=None, help="corrupt each image (ImageNet-C)")
-    g.add_argument("--severity", type=int, choices=SEVERITIES, default=None, help="corruption severity 1..5")
+    g.add_argument("--corruption", choices=corruptions, default=None, metavar="NAME",
+                   help="corrupt each image (ImageNet-C): %(choices)s")  # fmt: skip
+    g.add_argument("--severity", type=int, choices=severities, default=None, metavar="N", help="severity 1..5")
     g.add_argument("--corruption-seed", type=int, default=0, help="image i is corrupted with seed N + i")
     add_model_args(p)
     p.set_defaults(func=cmd_eval_zeroshot)
 
     p = sub.add_parser("robustness", help="mIoU under ImageNet-C corruptions x severities (MaskCLIP Tables 4/5)")
-    p.add_argument("--dataset", required=True, choices=list_datasets())
+    p.add_argument("--dataset", required=True, choices=datasets, metavar="NAME", help="%(choices)s")
     p.add_argument("--root", required=True, help="dataset folder in its standard layout")
     p.add_argument("--split", default="val")
-    p.add_argument("--corruptions", nargs="+", choices=CORRUPTIONS, default=list(CORRUPTIONS), metavar="NAME",
-                   help=f"corruptions (default: all of {', '.join(CORRUPTIONS)})")  # fmt: skip
-    p.add_argument("--severities", nargs="+", type=int, choices=SEVERITIES, default=list(SEVERITIES))
+    p.add_argument("--corruptions", nargs="+", choices=corruptions, default=None, metavar="NAME",
+                   help="corruptions: %(choices)s (default: all eight of MaskCLIP's study)")  # fmt: skip
+    p.add_argument("--severities", nargs="+", type=int, choices=severities, default=None, metavar="N",
+                   help="severities 1..5 (default: all)")  # fmt: skip
     p.add_argument("--corruption-seed", type=int, default=0, help="image i is corrupted with seed N + i")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    p.add_argument("--out", default=None, help="JSON report path (the whole table)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--out", default=None, help=f"JSON report path, the whole table (default: {REPORTS}/"
+                   "robustness_<dataset>_<mode>[_limit<N>].json)")  # fmt: skip
     add_model_args(p)
     p.set_defaults(func=cmd_robustness)
 
@@ -44,10 +60,7 @@ def _require_corruptions() -> None:
     """Fail before any work if the ImageNet-C corruption package is not installed."""
     from clipdense.evaluation.robustness import check_available
 
-    try:
-        check_available()
-    except ImportError as e:
-        raise CLIError(str(e)) from e
+    check_available()  # ModuleNotFoundError naming the install command: exit status 1
 
 
 def _corruption_from_args(args: argparse.Namespace) -> dict | None:
@@ -62,19 +75,33 @@ def _corruption_from_args(args: argparse.Namespace) -> dict | None:
     return {"name": args.corruption, "severity": args.severity, "seed": args.corruption_seed}
 
 
+def _mode(args: argparse.Namespace) -> str:
+    from clipdense.inference import SegmenterConfig
+
+    return args.mode or SegmenterConfig().mode
+
+
+def _limit_suffix(args: argparse.Namespace) -> str:
+    """``_limit<N>`` for a partial evaluation, so that it never overwrites the full report."""
+    return "" if args.limit is None else f"_limit{args.limit}"
+
+
 def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
-    """Prints the per-class table and writes the JSON report (``eval_<dataset>_<mode>.json`` unless --out)."""
+    """Prints the per-class table and writes the JSON report (``outputs/eval_<dataset>_<mode>...json`` unless --out)."""
     from clipdense.data.datasets import build_dataset
     from clipdense.evaluation.segmentation import evaluate_predictor
 
     corruption = _corruption_from_args(args)
+    name = f"eval_{args.dataset}_{_mode(args)}"
+    if corruption is not None:
+        name += f"_{args.corruption}{args.severity}"
+    out = check_output(args.out or REPORTS / f"{name}{_limit_suffix(args)}.json", folder=False)
     dataset = build_dataset(args.dataset, args.root, args.split)
     predictor = build_predictor(args)
     report = evaluate_predictor(
         predictor, dataset, args.limit, corruption=args.corruption, severity=args.severity, seed=args.corruption_seed
     )
     print(report.format_table())
-    out = Path(args.out or f"eval_{args.dataset}_{args.mode}.json")
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     payload = {"dataset": args.dataset, "images": count, "settings": predictor.describe(), "corruption": corruption}
     payload.update(report.to_dict())
@@ -83,18 +110,24 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
 
 
 def cmd_robustness(args: argparse.Namespace) -> None:
-    """Prints MaskCLIP's robustness table and writes it as JSON (``robustness_<dataset>_<mode>.json`` unless --out)."""
+    """Prints MaskCLIP's robustness table and writes it as JSON (``outputs/robustness_...json`` unless --out)."""
     from clipdense.data.datasets import build_dataset
-    from clipdense.evaluation.robustness import format_table, robustness_sweep
+    from clipdense.evaluation.robustness import CORRUPTIONS, SEVERITIES, format_table, robustness_sweep
 
     _require_corruptions()
+    name = f"robustness_{args.dataset}_{_mode(args)}{_limit_suffix(args)}.json"
+    out = check_output(args.out or REPORTS / name, folder=False)
     dataset = build_dataset(args.dataset, args.root, args.split)
     predictor = build_predictor(args)
     results = robustness_sweep(
-        predictor, dataset, args.corruptions, args.severities, seed=args.corruption_seed, limit=args.limit
+        predictor,
+        dataset,
+        args.corruptions or CORRUPTIONS,
+        args.severities or SEVERITIES,
+        seed=args.corruption_seed,
+        limit=args.limit,
     )
     print(format_table(results))
-    out = Path(args.out or f"robustness_{args.dataset}_{args.mode}.json")
     payload = {"dataset": args.dataset, "split": args.split, "settings": predictor.describe(), **results}
     write_json(out, payload)
     print(f"saved {out}")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip", "vanilla")
+from clipdense.config import MODES
 
 
 @dataclass

@@ -76,7 +76,8 @@ def model_complexity(
     from clipdense.models import count_flops, count_parameters
 
     num_classes = num_classes or (80 if is_detection(cfg) else 150)
-    names = cfg.model.class_names or [f"class {i}" for i in range(num_classes)]
+    letters = "abcdefghijklmnopqrstuvwxyz"  # placeholders of two letters: short enough for any prompt context
+    names = cfg.model.class_names or [a + b for a in letters for b in letters][:num_classes]
     model = build_architecture(cfg, names).eval()  # weights do not change the counts
     detector = getattr(model, "task", None) == "detection"
     if size is None:

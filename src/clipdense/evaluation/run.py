@@ -44,6 +44,8 @@ class RunEvaluation:
         zero_shot: Segmentation with unseen classes: ``miou_seen``, ``miou_unseen``, ``miou``, ``hiou``; else None.
         root: Detectors: the dataset folder; else None.
         detections_path: Where the raw detections were written (COCO results JSON), or None.
+        variant: What differs from the run's own evaluation settings (``"aug"``, ``"whole_limit50"``), or
+            ``""``; it names the report file, so a partial or augmented evaluation keeps the full one.
     """
 
     run_dir: Path
@@ -56,11 +58,13 @@ class RunEvaluation:
     zero_shot: dict[str, float] | None = None
     root: str | None = None
     detections_path: Path | None = None
+    variant: str = ""
 
     @property
     def default_path(self) -> Path:
-        """Where ``clipdense eval`` writes :meth:`to_dict` unless told: ``run_dir/eval_<dataset>_<split>.json``."""
-        return self.run_dir / f"eval_{self.dataset}_{self.split}.json"
+        """Where ``clipdense eval`` writes :meth:`to_dict` unless told:
+        ``run_dir/eval_<dataset>_<split>[_<variant>].json``."""
+        return self.run_dir / f"eval_{self.dataset}_{self.split}{'_' if self.variant else ''}{self.variant}.json"
 
     def format(self) -> str:
         """The report as text: the per-class table (and the seen/unseen line), or the COCO AP table."""
@@ -123,6 +127,17 @@ def evaluate_run(
         ValueError: If the dataset's classes differ from the model's, or on segmentation options for a detector.
     """
     model, cfg = build_from_run(run_dir, device)
+    variant = "_".join(
+        part
+        for part in (
+            mode,
+            "aug" if aug else None,
+            "scales" + "-".join(f"{s:g}" for s in scales) if scales and not aug else None,
+            "flip" if flip and not aug else None,
+            f"limit{limit}" if limit is not None else None,
+        )
+        if part
+    )
     if getattr(model, "task", None) == "detection":
         if dataset not in (None, DETECTION_DATASET):
             raise ValueError(f"a detector is evaluated on a COCO-layout dataset (dataset 'coco'), not {dataset}")
@@ -130,7 +145,8 @@ def evaluate_run(
         if ignored:
             raise ValueError(f"{', '.join(ignored)} apply to segmentation; detectors are evaluated at their own scale")
         split = split or cfg.data.val_split
-        return _evaluate_detector(Path(run_dir), model, cfg, device, root, split, limit, save_detections, progress)
+        found = _evaluate_detector(Path(run_dir), model, cfg, device, root, split, limit, save_detections, progress)
+        return replace(found, variant=variant)
     data = build_dataset(dataset or cfg.data.dataset, root or cfg.data.root, split or cfg.data.val_split)
     if list(data.class_names) != list(cfg.model.class_names):
         raise ValueError(
@@ -154,6 +170,7 @@ def evaluate_run(
         report=report,
         settings=vars(eval_cfg),
         zero_shot=seen_unseen_report(report, unseen) if unseen else None,
+        variant=variant,
     )
 
 
@@ -168,7 +185,8 @@ def _evaluate_detector(
         raise ValueError(
             f"the model was trained on {len(cfg.model.class_names)} classes, the dataset has {len(data.class_names)}"
         )
-    results = run / f"results_coco_{split}.json" if save_detections else None
+    name = f"results_coco_{split}.json" if limit is None else f"results_coco_{split}_limit{limit}.json"
+    results = run / name if save_detections else None
     report = evaluate_detection(model, data, device, progress=progress, limit=limit, results_path=results)
     return RunEvaluation(
         run_dir=run,

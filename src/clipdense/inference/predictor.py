@@ -16,77 +16,46 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from clipdense.clip.dense import MODES, dense_clip_encoder
+from clipdense.clip.dense import dense_clip_encoder
 from clipdense.clip.loading import LoadedCLIP, load_clip
 from clipdense.clip.refine import key_smoothing, prompt_denoise
 from clipdense.clip.text import ClassEmbeddings, TextEmbedder, class_text_embeddings
-from clipdense.config import EvalConfig
+from clipdense.config import EvalConfig, SegmenterConfig
 from clipdense.data.classnames import display_name
-from clipdense.data.datasets import read_image_rgb
+from clipdense.data.datasets import fit_pixels, read_image_rgb
 from clipdense.inference.sliding import predict_probs, predict_uncertainty, window_starts
 
 
-def read_image(image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+def read_image(
+    image: str | Path | Image.Image | np.ndarray | torch.Tensor, max_pixels: int | None = None
+) -> torch.Tensor:
     """Read an image into a 3 x H x W uint8 RGB tensor.
 
     Args:
         image: A file path, a PIL image, an H x W x 3 uint8 array or a 3 x H x W uint8 tensor.
+        max_pixels: Downscale any of them with more pixels than this, keeping the aspect ratio (files are
+            decoded smaller where the format allows, see :func:`~clipdense.data.datasets.read_image_rgb`);
+            None or 0: full size.
 
     Raises:
         FileNotFoundError: The path does not exist.
-        ValueError: The file is not an image, or the array/tensor has the wrong shape or dtype.
+        ValueError: The file is not an image or too large to decode, or the array/tensor has the wrong
+            shape or dtype.
     """
     if isinstance(image, (str, Path)):
-        return read_image_rgb(image, apply_exif_orientation=True)  # user photos: as the viewer shows them
+        return read_image_rgb(image, apply_exif_orientation=True, max_pixels=max_pixels)  # as viewers show it
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an H x W x 3 uint8 RGB array, got {image.shape} {image.dtype}")
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"expected a 3 x H x W uint8 tensor, got {tuple(image.shape)} {image.dtype}")
+    width, height = fit_pixels(image.shape[2], image.shape[1], max_pixels)
+    if (height, width) != image.shape[1:]:
+        image = TF.resize(image, [height, width], antialias=True)
     return image
-
-
-@dataclass
-class SegmenterConfig:
-    """Inference settings; the defaults follow the shared protocol of MaskCLIP's successors.
-
-    Attributes:
-        mode: Dense mode (``maskclip``, ``sclip``, ``clearclip``, ``naclip``, ``vanilla``).
-        templates: Prompt template set (``ensemble`` = 80 ImageNet + 5 scene templates, ``single``).
-        short_side: Resize the shorter image side to this before inference (None: keep).
-        window: Sliding-window crop size; None for whole-image inference.
-        stride: Sliding-window stride.
-        logit_scale: Temperature applied to cosine scores before the softmax over classes.
-        background_threshold: Pixels whose top class probability is below this become background
-            (a ``background`` class is prepended when the list has none).
-        prompt_denoise: MaskCLIP prompt denoising threshold (0.5 in MaskCLIP+); None: off.
-        key_smoothing: MaskCLIP key smoothing threshold (0.5 in MaskCLIP+); None: off.
-        window_batch: Windows encoded per forward pass.
-    """
-
-    mode: str = "maskclip"
-    templates: str = "ensemble"
-    short_side: int | None = 336
-    window: int | None = 224
-    stride: int = 112
-    logit_scale: float = 40.0
-    background_threshold: float | None = None
-    prompt_denoise: float | None = None
-    key_smoothing: float | None = None
-    window_batch: int = 16
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode '{self.mode}'; choose one of {MODES}")
-        if self.window is not None and not 0 < self.stride <= self.window:
-            raise ValueError(f"stride must be in (0, window]; got stride {self.stride}, window {self.window}")
-        for name in ("background_threshold", "prompt_denoise", "key_smoothing"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a probability in [0, 1]; got {value}")
 
 
 @dataclass
@@ -240,7 +209,8 @@ class OpenVocabPredictor:
 
     def describe(self) -> dict:
         """The model and settings, for reports."""
-        return {"model": self.clip.name, "pretrained": self.clip.pretrained, **asdict(self.config)}
+        clip = self.clip
+        return {"model": clip.name, "pretrained": clip.pretrained, "quick_gelu": clip.quick_gelu, **asdict(self.config)}
 
 
 class TrainedPredictor:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from clipdense.config import ConfigError
 from clipdense.models._build import DEFAULT_PRETRAINED
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -58,12 +59,26 @@ def create_model(
         The model (train mode, as built by PyTorch).
 
     Raises:
-        ValueError: Unknown name or missing class names.
+        ValueError: Unknown name or missing class names; :class:`clipdense.config.ConfigError` (a
+            ValueError) for an unknown option.
         clipdense.clip.CLIPLoadError: CLIP weights cannot be loaded.
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model '{name}'; available: {', '.join(list_models())}")
-    return _MODELS[name](class_names=class_names, num_classes=num_classes, pretrained=pretrained, **overrides)
+    try:
+        return _MODELS[name](class_names=class_names, num_classes=num_classes, pretrained=pretrained, **overrides)
+    except TypeError as e:  # a misspelt option: "build_x() got an unexpected keyword argument 'clip_modle'"
+        unknown = [k for k in overrides if f"unexpected keyword argument '{k}'" in str(e)]
+        if not unknown:
+            raise
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+        raise ConfigError(
+            f"model {name} has no option '{unknown[0]}' (in model.overrides / create_model keywords); "
+            f"its options are the arguments of {module}.{str(e).split('(')[0]}"
+        ) from e
 
 
 __all__ = ["create_model", "list_models", "register_model"]
