@@ -4,11 +4,28 @@ clear error, and reading torchvision-layout ResNet checkpoints (the MaskCLIP+ tr
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def skip_init() -> Iterator[None]:
+    """``torch.nn.init``'s in-place initialisers do nothing inside (as Hugging Face's ``no_init_weights``):
+    for a model whose every parameter and persistent buffer is loaded next (strictly), so that random
+    initialisation is not computed only to be overwritten. Parameters are left uninitialised."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:

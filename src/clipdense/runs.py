@@ -29,11 +29,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clipdense.checkpoints import load_state_dict_strict
+from clipdense.checkpoints import load_state_dict_strict, skip_init
 from clipdense.config import ExperimentConfig, load_config
 from clipdense.data.datasets import DETECTION_DATASET, build_dataset
 from clipdense.fileio import atomic_write
-from clipdense.models.registry import create_model
+from clipdense.models.registry import checkpoint_options, create_model
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -130,8 +130,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def build_architecture(cfg: ExperimentConfig, class_names: list[str] | None = None) -> nn.Module:
-    """The model a config names, with random weights and without the random-weights warning: for
+    """The model a config names, with random weights and without the random-weights warnings: for
     callers whose weights come from elsewhere (a checkpoint) or do not matter (counting FLOPs).
+
+    Models that declared :func:`~clipdense.models.registry.checkpoint_options` get them, so they skip work
+    whose result a checkpoint overwrites (MaskCLIP+ encodes no class names: its classifier is a zero buffer).
 
     Args:
         cfg: The config (``model.name``, ``model.overrides``).
@@ -142,7 +145,8 @@ def build_architecture(cfg: ExperimentConfig, class_names: list[str] | None = No
     loading_logger.setLevel(logging.ERROR)
     try:
         names = cfg.model.class_names if class_names is None else class_names
-        return create_model(cfg.model.name, class_names=names, pretrained=None, **cfg.model.overrides)
+        options = {**cfg.model.overrides, **checkpoint_options(cfg.model.name)}
+        return create_model(cfg.model.name, class_names=names, pretrained=None, **options)
     finally:
         loading_logger.setLevel(level)
 
@@ -158,8 +162,10 @@ def build_from_run(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
-    # The checkpoint holds every weight, CLIP's included: build without loading CLIP weights, then load all.
-    model = build_architecture(cfg)
+    # The checkpoint holds every weight, CLIP's included: build without loading CLIP weights or computing a random
+    # initialisation (load_weights is strict: it overwrites every parameter and persistent buffer), then load all.
+    with skip_init():
+        model = build_architecture(cfg)
     load_weights(model, folder / "model.safetensors")
     model = model.to(device).eval()
     if getattr(model, "text_encoder", None) is not None and getattr(model, "prompting", None) != "pre":

@@ -2,6 +2,7 @@
 seen/unseen metrics, shipped splits, and a tiny zero-shot run through the training engine."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -183,6 +184,62 @@ def test_trunk_checkpoint_roundtrip(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="does not fit"):
         load_trunk_checkpoint(build_trunk("tiny"), tmp_path / "bad.pth")
+
+
+def _no_text_encoding(monkeypatch):
+    import clipdense.clip.text
+    import clipdense.models.maskclip_plus as maskclip_plus
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the class names were encoded, but the checkpoint holds their embeddings")
+
+    monkeypatch.setattr(maskclip_plus, "class_text_embeddings", refuse)
+    monkeypatch.setattr(clipdense.clip.text, "encode_text", refuse)
+
+
+@pytest.mark.parametrize("name", ["maskclip_plus_deeplabv2_r101", "maskclip_plus_deeplabv3plus_r101"])
+def test_run_round_trip_is_exact_without_text_encoding_or_warnings(name, tmp_path, monkeypatch, caplog):
+    from clipdense.config import ExperimentConfig, save_config
+    from clipdense.models.registry import checkpoint_options
+    from clipdense.runs import build_from_run, save_checkpoint
+
+    assert checkpoint_options(name) == {"from_checkpoint": True}
+    cfg = ExperimentConfig()
+    cfg.model.name, cfg.model.class_names = name, CLASSES
+    cfg.model.overrides = dict(clip_model="tiny-RN", trunk="tiny", unseen_classes=["blue thing"], head_channels=16)
+    model = tiny(name, unseen_classes=["blue thing"])
+    x = torch.randn(2, 3, 32, 32)
+    model.train()(x)  # moves the BatchNorm statistics and the step counter off their initial values
+    expected = model.eval()(x)["logits"]
+    save_config(cfg, tmp_path / "config.yaml")
+    save_checkpoint(tmp_path, model, {}, step=1)
+
+    _no_text_encoding(monkeypatch)
+    caplog.set_level(logging.INFO)
+    caplog.clear()  # tiny() warned of its random CLIP
+    loaded, _ = build_from_run(tmp_path)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert torch.equal(loaded(x)["logits"], expected)
+    assert torch.equal(loaded.text_embeddings, model.text_embeddings) and int(loaded.step) == 1
+    assert loaded.class_names == CLASSES and loaded.unseen == [2]
+
+
+def test_from_checkpoint_build_has_a_zero_classifier_and_no_training_warnings(monkeypatch, caplog):
+    import clipdense.models.maskclip_plus as maskclip_plus
+
+    monkeypatch.setattr(maskclip_plus, "build_trunk", lambda name: build_trunk("tiny"))  # "resnet101", but tiny
+
+    def warnings():  # of this module: the random CLIP's warning is build_architecture's to silence
+        return [r for r in caplog.records if r.name == maskclip_plus.__name__ and r.levelno >= logging.WARNING]
+
+    tiny(trunk="resnet101", unseen_classes=None)  # random trunk, zero-shot without unseen classes
+    assert len(warnings()) == 2
+    caplog.clear()
+
+    _no_text_encoding(monkeypatch)
+    model = tiny(trunk="resnet101", unseen_classes=None, from_checkpoint=True)
+    assert not warnings()
+    assert torch.equal(model.text_embeddings, torch.zeros(len(CLASSES), 32))  # C x D, D: tiny-RN's embed_dim
 
 
 def test_hiou_is_harmonic_mean():

@@ -27,7 +27,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from clipdense.checkpoints import state_dict_mismatch
+from clipdense.checkpoints import skip_init, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -194,21 +194,6 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source
         logger.warning("ignoring %d unexpected keys in %s: %s", len(unexpected), source, unexpected[:5])
     unexpected_keys = set(unexpected)
     model.load_state_dict({k: v for k, v in state.items() if k not in unexpected_keys}, strict=True)
-
-
-@contextmanager
-def _skip_init():
-    """``torch.nn.init``'s in-place initialisers do nothing inside (as Hugging Face's ``no_init_weights``):
-    for a model whose every parameter and persistent buffer is loaded next."""
-    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    for n in names:
-        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
 
 
 @contextmanager
@@ -426,7 +411,7 @@ def load_clip(
         use_quick_gelu = quick_gelu
         # open_clip warns "initialized randomly" before we load the weights; random initialisation is skipped
         # when every parameter is then overwritten (_load_weights is strict): RN50 builds in 0.1 s, not 0.9 s.
-        with _quiet_root_logger(), _skip_init() if state is not None else nullcontext():
+        with _quiet_root_logger(), skip_init() if state is not None else nullcontext():
             model = open_clip.create_model(
                 name, pretrained=None, device="cpu", force_quick_gelu=use_quick_gelu, pretrained_text=False
             )

@@ -98,6 +98,22 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return x if model.text_projection is None else x @ model.text_projection
 
 
+def text_embedding_width(model: torch.nn.Module) -> int:
+    """D, the width of ``model.encode_text``'s embeddings, read off the text tower without encoding anything.
+
+    Args:
+        model: An open_clip ``CLIP`` (text projection: a D-column matrix, a Linear, or None: the transformer
+            width) or ``CustomTextCLIP`` (its ``text`` tower's ``output_dim``).
+    """
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "output_dim"):
+        return int(text.output_dim)
+    proj = model.text_projection
+    if isinstance(proj, torch.nn.Linear):
+        return proj.out_features
+    return int(model.ln_final.normalized_shape[0] if proj is None else proj.shape[1])
+
+
 @dataclass
 class ClassEmbeddings:
     """Text embeddings of a class list in which each class may have several synonyms.

@@ -37,7 +37,7 @@ from clipdense.checkpoints import load_trunk_checkpoint
 from clipdense.clip.dense import dense_clip_encoder
 from clipdense.clip.loading import load_clip
 from clipdense.clip.refine import key_smoothing, prompt_denoise
-from clipdense.clip.text import class_text_embeddings
+from clipdense.clip.text import class_text_embeddings, text_embedding_width
 from clipdense.models._build import DEFAULT_PRETRAINED, check_classes, with_defaults
 from clipdense.models.registry import register_model
 from clipdense.models.segmentors import segmentation_cross_entropy
@@ -416,6 +416,8 @@ class MaskCLIPPlus(nn.Module):
 
 # --- Builder and registered models ---------------------------------------------------------------------------
 
+_FROM_CHECKPOINT = {"from_checkpoint": True}  # what build_architecture passes: see build_maskclip_plus
+
 
 def build_maskclip_plus(
     *,
@@ -438,6 +440,7 @@ def build_maskclip_plus(
     tau: float = 0.07,
     learn_tau: bool = False,
     head_channels: int = 256,
+    from_checkpoint: bool = False,
 ) -> MaskCLIPPlus:
     """Build MaskCLIP+ (see :func:`~clipdense.models.registry.create_model` for the common arguments).
 
@@ -453,6 +456,11 @@ def build_maskclip_plus(
         key_smoothing, prompt_denoise: MaskCLIP refinement thresholds of the guide (0 disables).
         templates: Prompt templates of the text embeddings.
         head_channels: Width of the DeepLabv3+ decoder.
+        from_checkpoint: Every weight, the ``text_embeddings`` classifier included, is loaded right after the
+            build (a trained run, :func:`clipdense.runs.build_from_run`): the classifier starts as a C x D zero
+            buffer instead of encoding C x len(templates) prompts with a CLIP whose weights are then discarded,
+            and neither a random trunk nor a zero-shot config without unseen classes is warned about (they
+            concern training).
     """
     from clipdense.data.splits import AVAILABLE_SPLITS, class_indices, load_unseen_split
 
@@ -466,14 +474,17 @@ def build_maskclip_plus(
             raise ValueError(f"unseen_classes '{unseen_classes}': pass a list of names or one of {AVAILABLE_SPLITS}")
         unseen_classes = load_unseen_split(unseen_classes)
     unseen = class_indices(unseen_classes, class_names) if unseen_classes else []
-    if protocol == "zeroshot" and guide is not None and not unseen:
+    if protocol == "zeroshot" and guide is not None and not unseen and not from_checkpoint:
         logger.warning("MaskCLIP+ zero-shot without unseen classes: plain supervised training on the GT")
     loaded = load_clip(clip_model, pretrained)
-    text = class_text_embeddings(loaded, class_names, templates)
+    if from_checkpoint:
+        text = torch.zeros(len(class_names), text_embedding_width(loaded.model))
+    else:
+        text = class_text_embeddings(loaded, class_names, templates)
     body = build_trunk(trunk)
     if trunk_checkpoint is not None:
         load_trunk_checkpoint(body, trunk_checkpoint)
-    elif trunk != "tiny":
+    elif trunk != "tiny" and not from_checkpoint:
         logger.warning(
             "MaskCLIP+ target trunk %s starts from random weights: pass trunk_checkpoint=PATH (a torchvision "
             "ImageNet state dict) to start from ImageNet weights as the paper does",
@@ -502,13 +513,13 @@ def build_maskclip_plus(
     )
 
 
-@register_model
+@register_model(checkpoint_options=_FROM_CHECKPOINT)
 def maskclip_plus_deeplabv2_r101(**kw) -> MaskCLIPPlus:
     """MaskCLIP+ DeepLabv2 on dilated ResNet-101, RN50 CLIP guide (zero-shot VOC 86.1 / COCO-Stuff 54.7 unseen mIoU)."""
     return build_maskclip_plus(**with_defaults(dict(clip_model="RN50", head="deeplabv2", trunk="resnet101"), kw))
 
 
-@register_model
+@register_model(checkpoint_options=_FROM_CHECKPOINT)
 def maskclip_plus_deeplabv3plus_r101(**kw) -> MaskCLIPPlus:
     """MaskCLIP+ DeepLabv3+ on dilated ResNet-101, RN50 CLIP guide (zero-shot Context: 66.7 unseen mIoU)."""
     return build_maskclip_plus(**with_defaults(dict(clip_model="RN50", head="deeplabv3plus", trunk="resnet101"), kw))

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -21,12 +22,35 @@ from clipdense.config import ConfigError
 from clipdense.models._build import DEFAULT_PRETRAINED
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_CHECKPOINT_OPTIONS: dict[str, dict[str, Any]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a builder under its function name (timm style)."""
-    _MODELS[fn.__name__] = fn
-    return fn
+def register_model(
+    fn: Callable[..., nn.Module] | None = None, *, checkpoint_options: Mapping[str, Any] | None = None
+) -> Callable[..., nn.Module]:
+    """Register a builder under its function name (timm style): ``@register_model`` or
+    ``@register_model(checkpoint_options=...)``.
+
+    Args:
+        fn: The builder.
+        checkpoint_options: Builder options for a model whose every weight is loaded right after it is built
+            (see :func:`checkpoint_options`), e.g. ``{"from_checkpoint": True}`` to skip work a checkpoint
+            overwrites. Only builders that take them declare them: others would refuse an unknown option.
+    """
+
+    def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _MODELS[fn.__name__] = fn
+        if checkpoint_options:
+            _CHECKPOINT_OPTIONS[fn.__name__] = dict(checkpoint_options)
+        return fn
+
+    return register if fn is None else register(fn)
+
+
+def checkpoint_options(name: str) -> dict[str, Any]:
+    """The builder options of a registered model for a build whose weights all come from a checkpoint next
+    (:func:`clipdense.runs.build_architecture`); empty for models that declared none."""
+    return dict(_CHECKPOINT_OPTIONS.get(name, {}))
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -81,4 +105,4 @@ def create_model(
         ) from e
 
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["checkpoint_options", "create_model", "list_models", "register_model"]
