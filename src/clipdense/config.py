@@ -124,6 +124,10 @@ class EvalConfig:
     crop, stride: Sliding-window crop and stride.
     scales: Multi-scale ratios of ``short_side`` (DenseCLIP: 0.5..1.75 step 0.25).
     flip: Average with the horizontally flipped image.
+    precision: Inference autocast: ``fp32`` (exact), ``bf16`` or ``fp16`` (faster where the hardware has them;
+        labels may differ at near-ties).
+    channels_last: Run convolutions in channels-last memory format (the same arithmetic, reordered: ~20%
+        faster for ResNet trunks on CPU; results equal to float rounding).
     """
 
     mode: Literal["slide", "whole"] = "slide"
@@ -133,6 +137,8 @@ class EvalConfig:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     limit: int | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = True
 
 
 #: The training-free dense modes (:func:`clipdense.clip.dense.dense_clip_encoder`).

@@ -53,36 +53,41 @@ def overlay(
     """
     num = len(class_names)
     colours = palette(num)
-    present = [c for c in labels.unique().tolist() if 0 <= c < num]
+    counts = torch.bincount(labels.flatten(), minlength=num)
+    present = [c for c in range(num) if counts[c]]
     # "background" stays unpainted (grey in the legend), so the objects stand out
     background = {c for c in present if class_names[c].split(",")[0].strip().lower() == "background"}
     for c in background:
         colours[c] = (128, 128, 128)
-    painted = [c for c in present if c not in background]
-    counts = torch.bincount(labels.flatten(), minlength=num)
-    total = labels.numel()
+    painted = torch.zeros(num, dtype=torch.bool)
+    painted[[c for c in present if c not in background]] = True
     factor = _view_factor(*labels.shape)  # small images are enlarged for viewing
-    image, labels = _enlarge(image, factor), _enlarge(labels, factor)
-    masks = torch.stack([labels == c for c in painted]) if painted else torch.zeros(0, *labels.shape, dtype=bool)
-    drawn = draw_segmentation_masks(image, masks, alpha=alpha, colors=[colours[c] for c in painted])
-    picture = Image.fromarray(drawn.permute(1, 2, 0).numpy())
-    if not legend:
-        return picture
-    h, w = labels.shape
+    h, w = labels.shape[0] * factor, labels.shape[1] * factor
     font_size = max(11, min(18, h // 24))
     font = ImageFont.load_default(size=font_size)
     rows = sorted(present, key=lambda c: -int(counts[c]))
-    entries = [(c, f"{class_names[c]}  {100.0 * counts[c].item() / total:.1f}%") for c in rows]
+    entries = [(c, f"{class_names[c]}  {100.0 * counts[c].item() / labels.numel():.1f}%") for c in rows]
     line = font_size + 6
-    text_w = max((font.getlength(t) for _, t in entries), default=0)
-    panel_w = int(text_w) + font_size + 24
-    canvas = Image.new("RGB", (w + panel_w, max(h, line * len(entries) + 12)), (255, 255, 255))
-    canvas.paste(picture, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, (c, text) in enumerate(entries):
-        y = 6 + i * line
-        draw.rectangle([w + 8, y, w + 8 + font_size, y + font_size], fill=colours[c], outline=(0, 0, 0))
-        draw.text((w + 14 + font_size, y - 1), text, fill=(0, 0, 0), font=font)
+    panel_w = int(max((font.getlength(t) for _, t in entries), default=0)) + font_size + 24 if legend else 0
+    canvas = Image.new("RGB", (w + panel_w, max(h, line * len(entries) + 12) if legend else h), (255, 255, 255))
+    # blended a band of rows at a time into the canvas: a 27-megapixel photo needs the canvas and a few MB
+    # (torchvision's draw_segmentation_masks takes a mask per class and float copies of the whole image)
+    table = torch.tensor(colours, dtype=torch.float32)
+    band = max(1, (1 << 20) // labels.shape[1])
+    for start in range(0, labels.shape[0], band):
+        part = labels[start : start + band]
+        pixels = image[:, start : start + band].permute(1, 2, 0).float()
+        blended = torch.where(painted[part][..., None], pixels * (1 - alpha) + table[part] * alpha, pixels)
+        picture = Image.fromarray(blended.round_().to(torch.uint8).numpy())
+        if factor > 1:
+            picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
+        canvas.paste(picture, (0, start * factor))
+    if legend:
+        draw = ImageDraw.Draw(canvas)
+        for i, (c, text) in enumerate(entries):
+            y = 6 + i * line
+            draw.rectangle([w + 8, y, w + 8 + font_size, y + font_size], fill=colours[c], outline=(0, 0, 0))
+            draw.text((w + 14 + font_size, y - 1), text, fill=(0, 0, 0), font=font)
     return canvas
 
 

@@ -37,20 +37,23 @@ def test_prediction_has_image_size_and_valid_labels(clip, image, mode):
     p = OpenVocabPredictor(clip, SegmenterConfig(mode=mode, templates="single", short_side=96, window=64, stride=32))
     p.set_image(image)
     names = p.set_classes(["cat", "grass, lawn", "sky"])
-    seg = p.predict()
+    seg = p.predict(probs=True, entropy=True)
     assert names == ["cat", "grass", "sky"]
     assert seg.labels.shape == (75, 110) and seg.labels.dtype == torch.int64
     assert seg.probs.shape == (3, 75, 110)
     assert 0 <= seg.labels.min() and seg.labels.max() < 3
     torch.testing.assert_close(seg.probs.sum(0), torch.ones(75, 110))
     assert torch.equal(seg.labels, seg.probs.argmax(0))
+    torch.testing.assert_close(seg.confidence, seg.probs.amax(0))
+    torch.testing.assert_close(seg.entropy, -(seg.probs * seg.probs.log()).sum(0))
+    assert p.predict().probs is None and p.predict().entropy is None  # full-size maps only when asked for
     assert sum(a["pixels"] for a in seg.areas().values()) == 75 * 110
 
 
 def test_one_window_equals_whole_image(clip, image):
     whole = OpenVocabPredictor(clip, SegmenterConfig(templates="single", short_side=None, window=None))
     slide = OpenVocabPredictor(clip, SegmenterConfig(templates="single", short_side=None, window=128, stride=64))
-    a, b = whole(image, ["cat", "sky"]), slide(image, ["cat", "sky"])
+    a, b = whole(image, ["cat", "sky"], probs=True), slide(image, ["cat", "sky"], probs=True)
     torch.testing.assert_close(a.probs, b.probs)
 
 
@@ -60,7 +63,7 @@ def test_windows_average_logits(clip, image):
     p = OpenVocabPredictor(clip, cfg)
     p.set_image(image)
     p.set_classes(["cat", "sky"])
-    probs = p.predict().probs
+    probs = p.predict(probs=True).probs
     x = (image.float() / 255 - torch.tensor(clip.mean).view(3, 1, 1)) / torch.tensor(clip.std).view(3, 1, 1)
     total, count = torch.zeros(2, 75, 110), torch.zeros(75, 110)
     for y in window_starts(75, 64, 46):
@@ -76,9 +79,9 @@ def test_set_image_once_predict_many(clip, image):
     p = OpenVocabPredictor(clip, SegmenterConfig(templates="single", short_side=64))
     p.set_image(image)
     p.set_classes(["cat", "sky"])
-    a = p.predict()
+    a = p.predict(probs=True)
     p.set_classes(["sky", "cat", "road"])
-    b = p.predict()
+    b = p.predict(probs=True)
     assert b.probs.shape[0] == 3 and b.class_names == ["sky", "cat", "road"]
     # same image features, same text: the relative scores of cat and sky do not change
     ratio_a = (a.probs[0] / a.probs[1]).log()
@@ -119,7 +122,7 @@ def test_key_smoothing_formula():
 
 def test_refinements_run_in_the_predictor(clip, image):
     cfg = SegmenterConfig(templates="single", short_side=64, key_smoothing=0.5, prompt_denoise=0.5)
-    seg = OpenVocabPredictor(clip, cfg)(image, ["cat", "sky", "road"])
+    seg = OpenVocabPredictor(clip, cfg)(image, ["cat", "sky", "road"], probs=True)
     assert seg.labels.shape == (75, 110) and torch.isfinite(seg.probs).all()
 
 
@@ -163,3 +166,20 @@ def test_read_image_max_pixels_for_every_input_kind(tmp_path):
         assert image.shape == (3, 94, 126) and image.dtype == torch.uint8  # 126 x 94 = 11844 <= 12000
         assert image[:, :, :60].max() == 0 and image[:, :, 66:].min() == 255
         assert read_image(given).shape == read_image(given, max_pixels=120_000).shape == (3, 300, 400)
+
+
+def test_segment_many_batches_windows_across_images_with_equal_results(clip):
+    torch.manual_seed(3)
+    images = [(torch.rand(3, h, w) * 255).to(torch.uint8) for h, w in ((75, 110), (64, 64), (90, 70), (75, 110))]
+    cfg = SegmenterConfig(templates="single", short_side=64, window=48, stride=32, window_batch=5)
+    p = OpenVocabPredictor(clip, cfg)
+    p.set_classes(["cat", "sky", "road"])
+    calls = []
+    encoder = p.encoder
+    p.encoder = lambda x: calls.append(len(x)) or encoder(x)
+    many = list(p.segment_many(images, probs=True))
+    assert max(calls) == 5 and len(calls) < sum(len(p._windows(i).boxes) for i in images)  # shared batches
+    for image, seg in zip(images, many, strict=True):
+        one = p(image, probs=True)
+        assert torch.equal(seg.labels, one.labels)
+        torch.testing.assert_close(seg.probs, one.probs, atol=1e-5, rtol=0)

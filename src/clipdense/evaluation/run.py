@@ -19,6 +19,7 @@ from clipdense.data.datasets import DETECTION_DATASET, build_dataset
 from clipdense.evaluation.metrics import SegmentationReport
 from clipdense.evaluation.segmentation import evaluate
 from clipdense.evaluation.zeroshot_split import seen_unseen_report
+from clipdense.inference.sliding import prepare_model
 from clipdense.runs import build_eval_dataset, build_from_run
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ def evaluate_run(
     if aug:
         overrides.update(scales=AUG_SCALES, flip=True)
     eval_cfg = replace(cfg.eval, **overrides)
-    report = evaluate(model, data, eval_cfg, device, progress=progress)
+    report = evaluate(prepare_model(model, eval_cfg), data, eval_cfg, device, progress=progress)
     unseen = getattr(model, "unseen", None)  # zero-shot protocol: seen / unseen / harmonic mean
     return RunEvaluation(
         run_dir=Path(run_dir),

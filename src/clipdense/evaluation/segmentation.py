@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from clipdense.config import EvalConfig
 from clipdense.evaluation.metrics import SegmentationMetric, SegmentationReport
-from clipdense.inference.sliding import predict_probs
+from clipdense.inference.sliding import predict_dense
 
 
 def evaluate(
@@ -20,8 +20,8 @@ def evaluate(
     count = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
     for i in tqdm(range(count), desc="eval", unit="img", disable=not progress):
         sample = dataset[i]
-        probs = predict_probs(model, sample["image"].to(device), cfg)
-        metric.update(probs.argmax(0).cpu(), sample["label"])
+        labels = predict_dense(model, sample["image"].to(device), cfg).labels
+        metric.update(labels.cpu(), sample["label"])
     return metric.compute()
 
 

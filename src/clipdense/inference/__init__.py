@@ -5,6 +5,7 @@ The Predictors follow segment-anything's pattern (``set_image`` once, ``predict`
 :class:`TrainedPredictor` and :class:`DetectionPredictor` for models trained with ``clipdense train``.
 """
 
+from clipdense.inference.bands import Reduced, reduce_in_bands, upsample_rows
 from clipdense.inference.predictor import (
     DetectionPredictor,
     Detections,
@@ -14,17 +15,21 @@ from clipdense.inference.predictor import (
     TrainedPredictor,
     read_image,
 )
-from clipdense.inference.sliding import predict_probs, predict_uncertainty, window_starts
+from clipdense.inference.sliding import predict_dense, predict_probs, predict_uncertainty, window_starts
 
 __all__ = [
     "DetectionPredictor",
     "Detections",
     "OpenVocabPredictor",
+    "Reduced",
     "SegmenterConfig",
     "Segmentation",
     "TrainedPredictor",
+    "predict_dense",
     "predict_probs",
     "predict_uncertainty",
     "read_image",
+    "reduce_in_bands",
+    "upsample_rows",
     "window_starts",
 ]

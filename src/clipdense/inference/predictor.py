@@ -6,8 +6,8 @@ features are computed and kept), ``set_classes`` with any words, ``predict`` as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from clipdense.clip.text import ClassEmbeddings, TextEmbedder, class_text_embedd
 from clipdense.config import EvalConfig, SegmenterConfig
 from clipdense.data.classnames import display_name
 from clipdense.data.datasets import fit_pixels, read_image_rgb
-from clipdense.inference.sliding import predict_probs, predict_uncertainty, window_starts
+from clipdense.inference.bands import reduce_in_bands, upsample_rows
+from clipdense.inference.sliding import predict_dense, predict_uncertainty, prepare_model, window_starts
 
 
 def read_image(
@@ -64,16 +65,21 @@ class Segmentation:
 
     Attributes:
         labels: H x W int64 class indices into ``class_names``.
-        probs: C x H x W class probabilities (softmax of ``logit_scale`` x scores).
+        probs: C x H x W class probabilities, when ``predict(probs=True)`` asked for them (C full-size
+            maps: 2 GB for 20 classes on a 27-megapixel photo); else None.
         class_names: C display names.
+        confidence: H x W probability of the predicted class.
+        entropy: H x W entropy of the class probabilities (nats), when ``predict(entropy=True)`` asked for it.
         uncertainty: H x W per-pixel predictive entropy across Monte-Carlo samples (PPL models only).
         class_sigma: C text-side standard deviations (PPL models only); their geometric mean is the
             image-level uncertainty of the PPL paper (Sec. 5.4).
     """
 
     labels: torch.Tensor
-    probs: torch.Tensor
+    probs: torch.Tensor | None
     class_names: list[str]
+    confidence: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
     uncertainty: torch.Tensor | None = None
     class_sigma: torch.Tensor | None = None
 
@@ -82,6 +88,17 @@ class Segmentation:
         counts = torch.bincount(self.labels.flatten(), minlength=len(self.class_names)).tolist()
         total = self.labels.numel()
         return {n: {"pixels": int(c), "fraction": c / total} for n, c in zip(self.class_names, counts, strict=True)}
+
+
+@dataclass
+class _ImageWindows:
+    """An image cut into windows for :class:`OpenVocabPredictor`: sizes, window boxes, crops, then features."""
+
+    size: tuple[int, int]  # the image's H, W
+    resized: tuple[int, int]  # after ``short_side``
+    boxes: list[tuple[int, int, int, int]]  # y, x, h, w of each window in the resized image
+    crops: list[torch.Tensor]  # 3 x h x w normalised windows, until encoded
+    features: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = field(default_factory=list)
 
 
 class OpenVocabPredictor:
@@ -101,11 +118,46 @@ class OpenVocabPredictor:
         self.device = next(clip.model.parameters()).device
         self._mean = torch.tensor(clip.mean, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(clip.std, device=self.device).view(3, 1, 1)
-        self._image_size: tuple[int, int] | None = None
-        self._windows: list[tuple[int, int, int, int]] = []
-        self._features: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = []
+        self._image: _ImageWindows | None = None
         self._classes: ClassEmbeddings | None = None
         self._background_index: int | None = None
+
+    def _windows(self, image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> _ImageWindows:
+        """Reads, resizes and normalises an image and cuts its windows (features not yet computed)."""
+        cfg = self.config
+        img = read_image(image).to(self.device)
+        x = img.float().div_(255)
+        if cfg.short_side is not None:
+            x = TF.resize(x, [cfg.short_side], antialias=True)
+        x = (x - self._mean) / self._std
+        hr, wr = x.shape[-2:]
+        if cfg.window is None:
+            boxes = [(0, 0, hr, wr)]
+        else:
+            boxes = [
+                (y, x0, min(cfg.window, hr), min(cfg.window, wr))
+                for y in window_starts(hr, cfg.window, cfg.stride)
+                for x0 in window_starts(wr, cfg.window, cfg.stride)
+            ]
+        crops = [x[:, y : y + h, x0 : x0 + w] for y, x0, h, w in boxes]
+        return _ImageWindows((img.shape[1], img.shape[2]), (hr, wr), boxes, crops)
+
+    def _encode(self, images: list[_ImageWindows]) -> None:
+        """Fills in the features of the windows of ``images``, ``window_batch`` windows of one size per pass."""
+        by_size: dict[tuple[int, int], list[tuple[_ImageWindows, int]]] = {}
+        for item in images:
+            item.features = [None] * len(item.crops)
+            for j, crop in enumerate(item.crops):
+                by_size.setdefault(tuple(crop.shape[-2:]), []).append((item, j))
+        batch = self.config.window_batch
+        for group in by_size.values():
+            for i in range(0, len(group), batch):
+                part = group[i : i + batch]
+                out = self.encoder(torch.stack([item.crops[j] for item, j in part]))
+                for k, (item, j) in enumerate(part):
+                    item.features[j] = (out.dense[k], out.keys[k], out.padded_size)
+        for item in images:
+            item.crops = []  # the features replace them
 
     @torch.inference_mode()
     def set_image(self, image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> None:
@@ -114,35 +166,40 @@ class OpenVocabPredictor:
         Args:
             image: Path, PIL image, H x W x 3 uint8 array or 3 x H x W uint8 tensor.
         """
-        cfg = self.config
-        img = read_image(image).to(self.device)
-        self._image_size = (img.shape[1], img.shape[2])
-        x = img.float().div_(255)
-        if cfg.short_side is not None:
-            x = TF.resize(x, [cfg.short_side], antialias=True)
-        x = ((x - self._mean) / self._std).unsqueeze(0)
-        hr, wr = x.shape[-2:]
-        if cfg.window is None:
-            self._windows = [(0, 0, hr, wr)]
-        else:
-            self._windows = [
-                (y, x0, min(cfg.window, hr), min(cfg.window, wr))
-                for y in window_starts(hr, cfg.window, cfg.stride)
-                for x0 in window_starts(wr, cfg.window, cfg.stride)
-            ]
-        self._resized = (hr, wr)
-        self._features = []
-        for i in range(0, len(self._windows), cfg.window_batch):
-            group = self._windows[i : i + cfg.window_batch]
-            sizes = {(h, w) for _, _, h, w in group}
-            crops = [x[0, :, y : y + h, x0 : x0 + w] for y, x0, h, w in group]
-            if len(sizes) == 1:
-                out = self.encoder(torch.stack(crops))
-                self._features += [(out.dense[j], out.keys[j], out.padded_size) for j in range(len(group))]
-            else:
-                for crop in crops:
-                    out = self.encoder(crop.unsqueeze(0))
-                    self._features.append((out.dense[0], out.keys[0], out.padded_size))
+        item = self._windows(image)
+        self._encode([item])
+        self._image = item
+
+    @torch.inference_mode()
+    def segment_many(
+        self, images: Iterable[str | Path | Image.Image | np.ndarray | torch.Tensor], **outputs: bool
+    ) -> Iterator[Segmentation]:
+        """Segment images into the current classes, encoding windows of several images in one pass.
+
+        Images are gathered until they hold ``window_batch`` windows, so small images fill the batches a
+        single image would leave part empty; results come in input order and equal :meth:`predict`'s.
+
+        Args:
+            images: The images (any kind :meth:`set_image` takes), e.g. from a DataLoader.
+            outputs: :meth:`predict`'s flags.
+
+        Yields:
+            One :class:`Segmentation` per image.
+        """
+        pending: list[_ImageWindows] = []
+
+        def flush() -> Iterator[Segmentation]:
+            self._encode(pending)
+            for item in pending:
+                self._image = item
+                yield self.predict(**outputs)
+            pending.clear()
+
+        for image in images:
+            pending.append(self._windows(image))
+            if sum(len(item.crops) for item in pending) >= self.config.window_batch:
+                yield from flush()
+        yield from flush()
 
     def set_classes(self, classes: Sequence[str]) -> list[str]:
         """Set the vocabulary. Entries may hold comma-separated synonyms (``"person, people"``).
@@ -175,37 +232,50 @@ class OpenVocabPredictor:
         return scores
 
     @torch.inference_mode()
-    def predict(self) -> Segmentation:
+    def predict(self, probs: bool = False, entropy: bool = False) -> Segmentation:
         """Segment the current image into the current classes.
 
+        The class scores are upsampled to the image and reduced a band of rows at a time
+        (:func:`~clipdense.inference.bands.reduce_in_bands`), so memory does not grow with classes x pixels.
+
+        Args:
+            probs: Also return the C x H x W probabilities.
+            entropy: Also return the per-pixel entropy.
+
         Returns:
-            Labels and probabilities at the original image resolution.
+            Labels and top probabilities (and what was asked for) at the original image resolution.
         """
-        if self._image_size is None:
+        image = self._image
+        if image is None:
             raise RuntimeError("call set_image() before predict()")
         if self._classes is None:
             raise RuntimeError("call set_classes() before predict()")
-        hr, wr = self._resized
+        hr, wr = image.resized
         total = torch.zeros(1, self._classes.num_classes, hr, wr, device=self.device)
         count = torch.zeros(1, 1, hr, wr, device=self.device)
-        for (y, x0, h, w), (dense, keys, padded) in zip(self._windows, self._features, strict=True):
+        for (y, x0, h, w), (dense, keys, padded) in zip(image.boxes, image.features, strict=True):
             scores = self._window_scores(dense, keys)
             scores = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
             total[..., y : y + h, x0 : x0 + w] += scores
             count[..., y : y + h, x0 : x0 + w] += 1
-        scores = F.interpolate(total / count, size=self._image_size, mode="bilinear", align_corners=False)
-        probs = F.softmax(scores[0] * self.config.logit_scale, dim=0)
-        top, labels = probs.max(dim=0)
-        if self.config.background_threshold is not None:
-            labels[top < self.config.background_threshold] = self._background_index
-        return Segmentation(labels.cpu(), probs.cpu(), list(self._classes.class_names))
+        scores = (total / count) * self.config.logit_scale
 
-    def __call__(self, image, classes: Sequence[str] | None = None) -> Segmentation:
-        """Shortcut: set the image (and classes, if given) and predict."""
+        def band_probs(start: int, stop: int) -> torch.Tensor:
+            return F.softmax(upsample_rows(scores, image.size, start, stop)[0], dim=0)
+
+        out = reduce_in_bands(
+            band_probs, image.size, self._classes.num_classes, entropy=entropy, keep_probs=probs, device="cpu"
+        )
+        if self.config.background_threshold is not None:
+            out.labels[out.confidence < self.config.background_threshold] = self._background_index
+        return Segmentation(out.labels, out.probs, list(self._classes.class_names), out.confidence, out.entropy)
+
+    def __call__(self, image, classes: Sequence[str] | None = None, **outputs: bool) -> Segmentation:
+        """Shortcut: set the image (and classes, if given) and predict (``outputs``: :meth:`predict`'s flags)."""
         if classes is not None:
             self.set_classes(classes)
         self.set_image(image)
-        return self.predict()
+        return self.predict(**outputs)
 
     def describe(self) -> dict:
         """The model and settings, for reports."""
@@ -226,9 +296,9 @@ class TrainedPredictor:
     """
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], config=None, clip_source=None) -> None:
-        self.model = model.eval()
-        self.class_names = list(class_names)
         self.config = config or EvalConfig()
+        self.model = prepare_model(model, self.config)
+        self.class_names = list(class_names)
         self.device = next(model.parameters()).device
         self.clip_source = clip_source  # (CLIP name, pretrained) to embed new class names (open-vocabulary models)
         self._image: torch.Tensor | None = None
@@ -262,16 +332,18 @@ class TrainedPredictor:
         self.class_names = list(self.model.class_names)
         return self.class_names
 
-    def predict(self, uncertainty: bool = False) -> Segmentation:
+    def predict(self, uncertainty: bool = False, probs: bool = False, entropy: bool = False) -> Segmentation:
         """Segment the current image.
 
         Args:
             uncertainty: Also compute PPL's per-pixel and per-class uncertainty (one extra pass).
+            probs: Also return the K x H x W probabilities.
+            entropy: Also return the per-pixel entropy of the class probabilities.
         """
         if self._image is None:
             raise RuntimeError("call set_image() before predict()")
-        probs = predict_probs(self.model, self._image, self.config)
-        seg = Segmentation(probs.argmax(0).cpu(), probs.cpu(), self.class_names)
+        out = predict_dense(self.model, self._image, self.config, keep_probs=probs, entropy=entropy, device="cpu")
+        seg = Segmentation(out.labels, out.probs, self.class_names, out.confidence, out.entropy)
         if uncertainty:
             extra = predict_uncertainty(self.model, self._image, self.config)
             if extra is None:

@@ -12,6 +12,20 @@ from torchvision.transforms.v2 import functional as TF
 
 from clipdense.clip.dense import pad_to_multiple
 from clipdense.config import EvalConfig
+from clipdense.inference.bands import Reduced, reduce_in_bands, upsample_rows
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device_type: str, precision: str) -> torch.autocast:
+    """``torch.autocast`` for an inference precision (``fp32``: off)."""
+    return torch.autocast(device_type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+
+
+def prepare_model(model: nn.Module, cfg: EvalConfig) -> nn.Module:
+    """Puts a segmentation model in eval mode (and channels-last format if ``cfg`` asks) for :func:`predict_dense`."""
+    model.eval()
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
@@ -29,11 +43,13 @@ def normalize(image: torch.Tensor, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_
     return (image.float() / 255 - mean) / std
 
 
-def _logits(model: nn.Module, x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+def _logits(model: nn.Module, x: torch.Tensor, multiple: int = 32, channels_last: bool = False) -> torch.Tensor:
     """B x 3 x h x w -> B x K x h x w logits at the input resolution (input zero-padded to the
     backbone's output stride, logits cropped back)."""
     h, w = x.shape[-2:]
     padded = pad_to_multiple(x, multiple)
+    if channels_last:
+        padded = padded.contiguous(memory_format=torch.channels_last)
     out = model(padded)["logits"]
     out = F.interpolate(out.float(), size=padded.shape[-2:], mode="bilinear", align_corners=False)
     return out[..., :h, :w]
@@ -51,7 +67,7 @@ def infer_logits(model: nn.Module, x: torch.Tensor, cfg: EvalConfig) -> torch.Te
         1 x K x H x W logits.
     """
     if cfg.mode == "whole":
-        return _logits(model, x)
+        return _logits(model, x, channels_last=cfg.channels_last)
     if cfg.mode != "slide":
         raise ValueError(f"unknown inference mode '{cfg.mode}'; use 'whole' or 'slide'")
     h, w = x.shape[-2:]
@@ -59,7 +75,7 @@ def infer_logits(model: nn.Module, x: torch.Tensor, cfg: EvalConfig) -> torch.Te
     for y in window_starts(h, cfg.crop, cfg.stride):
         for x0 in window_starts(w, cfg.crop, cfg.stride):
             crop = x[..., y : y + cfg.crop, x0 : x0 + cfg.crop]
-            logits = _logits(model, crop)
+            logits = _logits(model, crop, channels_last=cfg.channels_last)
             if total is None:
                 total = x.new_zeros(1, logits.shape[1], h, w)
                 count = x.new_zeros(1, 1, h, w)
@@ -69,6 +85,56 @@ def infer_logits(model: nn.Module, x: torch.Tensor, cfg: EvalConfig) -> torch.Te
 
 
 @torch.inference_mode()
+def predict_dense(
+    model: nn.Module,
+    image: torch.Tensor,
+    cfg: EvalConfig,
+    *,
+    keep_probs: bool = False,
+    entropy: bool = False,
+    device: torch.device | str | None = None,
+) -> Reduced:
+    """Labels and top probabilities at the image's resolution, probabilities averaged over scales (and flips).
+
+    Each view's logits stay at its inference resolution; the upsampling to the image, the softmax and
+    the average over views run a band of rows at a time (:func:`~clipdense.inference.bands.reduce_in_bands`).
+
+    Args:
+        model: Segmentation model in eval mode.
+        image: 3 x H x W uint8 image (on the model's device).
+        cfg: Evaluation settings.
+        keep_probs: Also return the K x H x W probabilities.
+        entropy: Also return the per-pixel entropy.
+        device: Where the outputs go (default: the image's device).
+
+    Returns:
+        H x W labels and confidences (and what was asked for).
+    """
+    h, w = image.shape[-2:]
+    x = normalize(image)
+    views = []  # 1 x K x h' x w' logits of each scale (and flip)
+    with autocast(image.device.type, cfg.precision):
+        for scale in cfg.scales:
+            xs = x
+            if cfg.short_side is not None:
+                xs = TF.resize(x, [max(1, round(cfg.short_side * scale))], antialias=True)
+            views.append(infer_logits(model, xs[None], cfg))
+            if cfg.flip:
+                views.append(infer_logits(model, xs.flip(-1)[None], cfg).flip(-1))
+
+    def band_probs(start: int, stop: int) -> torch.Tensor:
+        total = None
+        for logits in views:
+            p = upsample_rows(logits, (h, w), start, stop)[0].softmax(0)
+            total = p if total is None else total + p
+        return total / len(views)
+
+    num_classes = views[0].shape[1]
+    return reduce_in_bands(
+        band_probs, (h, w), num_classes, entropy=entropy, keep_probs=keep_probs, device=device or image.device
+    )
+
+
 def predict_probs(model: nn.Module, image: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
     """Class probabilities at the image's resolution, averaged over scales (and flips).
 
@@ -78,23 +144,9 @@ def predict_probs(model: nn.Module, image: torch.Tensor, cfg: EvalConfig) -> tor
         cfg: Evaluation settings.
 
     Returns:
-        K x H x W probabilities.
+        K x H x W probabilities (:func:`predict_dense` gives labels without keeping them all).
     """
-    h, w = image.shape[-2:]
-    x = normalize(image)
-    probs = None
-    for scale in cfg.scales:
-        xs = x
-        if cfg.short_side is not None:
-            xs = TF.resize(x, [max(1, round(cfg.short_side * scale))], antialias=True)
-        views = [xs, xs.flip(-1)] if cfg.flip else [xs]
-        for i, view in enumerate(views):
-            logits = infer_logits(model, view[None], cfg)
-            if i == 1:
-                logits = logits.flip(-1)
-            p = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)[0]
-            probs = p if probs is None else probs + p
-    return probs / (len(cfg.scales) * (2 if cfg.flip else 1))
+    return predict_dense(model, image, cfg, keep_probs=True).probs
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ continue bit for bit where a stopped one left off:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from clipdense.config import ExperimentConfig, save_config
+from clipdense.config import ConfigError, ExperimentConfig, save_config
 from clipdense.data.checks import ReportSkipped, SkipBadSamples, SkippedSample
 from clipdense.data.datasets import DETECTION_DATASET
 from clipdense.fileio import atomic_write_json
@@ -189,7 +190,7 @@ def _device(name: str, local: int, world: int) -> torch.device:
     rank), ``cuda:N`` (one process only) or ``mps``.
 
     Raises:
-        ValueError: The string is no device, or names one this machine does not have.
+        ConfigError: The string is no device, or names one this machine does not have.
     """
     if name == "auto":
         return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
@@ -197,24 +198,24 @@ def _device(name: str, local: int, world: int) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"train.device={name!r} is not a device name ({available})") from e
+        raise ConfigError(f"train.device={name!r} is not a device name ({available})") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but CUDA is not available ({available})")
+            raise ConfigError(f"train.device={name!r} but CUDA is not available ({available})")
         if device.index is None:
             return torch.device("cuda", local)
         if device.index >= torch.cuda.device_count():
-            raise ValueError(f"train.device={name!r}: this machine has no GPU {device.index} ({available})")
+            raise ConfigError(f"train.device={name!r}: this machine has no GPU {device.index} ({available})")
         if world > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"train.device={name!r} names one GPU for {world} processes: use train.device=cuda (each "
                 "process takes the GPU of its LOCAL_RANK)"
             )
         return device
     if device.type == "mps" and not _mps_available():
-        raise ValueError(f"train.device={name!r} but MPS is not available ({available})")
+        raise ConfigError(f"train.device={name!r} but MPS is not available ({available})")
     if device.type not in ("cpu", "mps"):
-        raise ValueError(f"train.device={name!r}: training runs on cpu, cuda or mps ({available})")
+        raise ConfigError(f"train.device={name!r}: training runs on cpu, cuda or mps ({available})")
     return device
 
 
@@ -562,7 +563,8 @@ def _evaluate_during_training(model, cfg, device, log: RunLog, step: int) -> Non
     else:
         from clipdense.evaluation.segmentation import evaluate
 
-        report = evaluate(model, val, cfg.eval, device, progress=False)
+        # the training model keeps its memory format: channels-last inputs would convert its weights every call
+        report = evaluate(model, val, dataclasses.replace(cfg.eval, channels_last=False), device, progress=False)
         record = {"step": step, "val_miou": report.miou, "val_macc": report.macc, "val_aacc": report.aacc}
     model.train()
     if cfg.train.freeze_bn:
