@@ -1,6 +1,5 @@
 """The top level of `clipdense`: --version, and Ctrl-C outside training."""
 
-
 import clipdense
 from clipdense.cli import main
 

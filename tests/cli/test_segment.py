@@ -169,3 +169,28 @@ def test_class_embeddings_are_cached_on_disk_unless_no_cache(tiny_checkpoints, i
     assert not cache.exists() or not any(cache.rglob("*.safetensors"))
     assert _run(capsys, *args)[0] == 0
     assert len(list(cache.rglob("*.safetensors"))) == 1
+
+
+def test_segment_a_folder_equals_one_image_at_a_time(tiny_checkpoints, images, tmp_path, capsys):
+    folder = images[0].parent
+    Image.fromarray(np.full((40, 90, 3), 200, np.uint8)).save(folder / "img2.png")
+    (folder / "notes.txt").write_text("not an image: skipped by suffix")
+    model = ["--model", "tiny-RN", "--pretrained", tiny_checkpoints["tiny-RN"][1]["safetensors"], *FAST]
+    classes = ["--classes", "cat, grass, sky", "--window-batch", "4"]  # 3 + 2 + 1 windows: batches span images
+    code, out, err = _run(capsys, "segment", folder, *classes, *model, "--out", tmp_path / "all")
+    assert code == 0, err
+    assert "segmented 3 images in" in out and "images/s" in out
+    for name in ("img0", "img1", "img2"):
+        image = folder / f"{name}.{'png' if name == 'img2' else 'jpg'}"
+        code, _, err = _run(capsys, "segment", image, *classes, *model, "--out", tmp_path / "one")
+        assert code == 0, err
+        batched = np.array(Image.open(tmp_path / "all" / f"{name}_labels.png"))
+        assert np.array_equal(batched, np.array(Image.open(tmp_path / "one" / f"{name}_labels.png")))
+        assert (
+            json.loads((tmp_path / "all" / f"{name}.json").read_text())["areas"]
+            == json.loads((tmp_path / "one" / f"{name}.json").read_text())["areas"]
+        )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _run(capsys, "segment", empty, *classes, *model)
+    assert code == 2 and "holds no images" in err
