@@ -6,7 +6,11 @@ embeddings come from the disk cache). Peak RSS is that process's own (``os.wait4
 downloaded here: random RN50 weights are saved once to a ``.safetensors`` file and passed as ``--pretrained FILE``
 (speed does not depend on the weights, and a file gives the stable fingerprint the disk cache needs).
 
-    python benchmarks/segment_latency.py                       # every row
+Two more rows time what else users wait for: a folder of 50 photos (``images/s`` as the CLI reports it, next to
+the single-image figure) and a MaskCLIP+ run (RN50 guide, DeepLabv2 on ResNet-101, random weights saved as
+``clipdense train`` saves a run) segmenting one photo with ``--checkpoint``, in fp32 and bf16.
+
+    python benchmarks/segment_latency.py                       # every row (~10 min on 2 cores)
     python benchmarks/segment_latency.py --rows 3-ensemble     # a quick run
 """
 
@@ -15,10 +19,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +43,8 @@ class Row:
     templates: str
     size: tuple[int, int]  # width, height
     targets: dict[str, float]  # "cold s", "warm s", "peak GB" -> upper bound on this CPU
+    images: int = 1  # > 1: a folder of that many copies
+    checkpoint: str | None = None  # a MaskCLIP+ run (--checkpoint) at this --precision
 
 
 ROWS = {
@@ -44,6 +52,9 @@ ROWS = {
     "20-ensemble": Row(20, "ensemble", (640, 480), {"cold s": 15.0, "warm s": 4.0}),
     "20-single": Row(20, "single", (640, 480), {}),
     "27mp-20-ensemble": Row(20, "ensemble", (6000, 4500), {"peak GB": 2.0}),
+    "folder50-20-ensemble": Row(20, "ensemble", (640, 480), {}, images=50),
+    "maskclip+-fp32": Row(20, "", (500, 375), {"warm s": 10.0}, checkpoint="fp32"),
+    "maskclip+-bf16": Row(20, "", (500, 375), {"warm s": 10.0}, checkpoint="bf16"),
 }
 
 
@@ -62,6 +73,30 @@ def random_weights(path: Path) -> Path:
     return path
 
 
+def maskclip_plus_run(path: Path) -> Path:
+    """A MaskCLIP+ run folder (the zero-shot VOC config, random weights), as ``clipdense train`` writes one."""
+    if not (path / "config.yaml").is_file():
+        import torch
+
+        from clipdense.config import load_config, save_config
+        from clipdense.data.classnames import load_classnames
+        from clipdense.data.datasets import DATASETS
+        from clipdense.models import create_model
+        from clipdense.runs import save_checkpoint
+
+        cfg = load_config(Path(__file__).parents[1] / "configs/maskclip_plus/maskclip_plus_zeroshot_voc.yaml")
+        cfg.run_dir = str(path)
+        cfg.model.class_names = load_classnames(DATASETS[cfg.data.dataset].class_list)
+        torch.manual_seed(0)
+        logging.disable(logging.WARNING)  # random weights on purpose
+        model = create_model(cfg.model.name, class_names=cfg.model.class_names, pretrained=None, **cfg.model.overrides)
+        logging.disable(logging.NOTSET)
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, path / "config.yaml")
+        save_checkpoint(path, model, {"step": 1}, 1)
+    return path
+
+
 def test_image(path: Path, size: tuple[int, int]) -> Path:
     """A smooth random-colour JPEG of ``size`` (width, height)."""
     if not path.is_file():
@@ -71,17 +106,19 @@ def test_image(path: Path, size: tuple[int, int]) -> Path:
     return path
 
 
-def run_segment(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS (GB) and exit code of one ``clipdense segment`` process."""
+def run_segment(args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """Wall seconds, peak RSS (GB), exit code and stdout of one ``clipdense segment`` process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read()  # drain it so the child never blocks on a full pipe
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with ThreadPoolExecutor(2) as pool:  # drain both pipes so the child never blocks on a full one
+        stdout, stderr = pool.submit(proc.stdout.read), pool.submit(proc.stderr.read)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS
+        stdout, stderr = stdout.result(), stderr.result()
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         print(stderr.decode(errors="replace")[-2000:], file=sys.stderr)
-    return seconds, usage.ru_maxrss * 1024 / 1e9, proc.returncode  # ru_maxrss is in KiB on Linux
+    return seconds, usage.ru_maxrss * 1024 / 1e9, proc.returncode, stdout.decode(errors="replace")  # KiB on Linux
 
 
 def main() -> None:
@@ -96,7 +133,7 @@ def main() -> None:
     exe = Path(sys.executable).with_name("clipdense")
     command = [str(exe)] if exe.is_file() else [sys.executable, "-m", "clipdense.cli"]
 
-    header = f"{'row':<18}{'run':<6}{'wall s':>8}{'peak GB':>9}  {'target':<14}{'ok':<4}"
+    header = f"{'row':<22}{'run':<6}{'wall s':>8}{'peak GB':>9}{'images/s':>10}  {'target':<14}{'ok':<4}"
     print(header, "-" * len(header), sep="\n", flush=True)
     for name in args.rows:
         row = ROWS[name]
@@ -104,33 +141,40 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
             env = {**os.environ, "CLIPDENSE_CACHE": cache}
             env.pop("CLIPDENSE_NO_CACHE", None)
-            cli = [
-                *command,
-                "segment",
-                str(image),
-                "--model",
-                "RN50",
-                "--pretrained",
-                str(weights),
-                "--classes",
-                ", ".join(CLASSES[: row.classes]),
-                "--templates",
-                row.templates,
-                "--out",
-                out,
-                "--device",
-                args.device,
-                "--max-pixels",
-                "0",
-            ]  # fmt: skip  (full size: 27 MP)
+            inputs = [str(image)]
+            if row.images > 1:
+                folder = Path(out) / "in"
+                folder.mkdir()
+                for i in range(row.images):
+                    os.link(image, folder / f"photo_{i:03d}.jpg")
+                inputs = [str(folder)]
+            cli = [*command, "segment", *inputs, "--out", str(Path(out) / "out"), "--device", args.device,
+                   "--max-pixels", "0"]  # fmt: skip
+            if row.checkpoint:
+                run_dir = maskclip_plus_run(args.work / "maskclip_plus_run")
+                cli += ["--checkpoint", str(run_dir), "--precision", row.checkpoint]
+            else:
+                classes = ", ".join(CLASSES[: row.classes])
+                cli += [
+                    "--model",
+                    "RN50",
+                    "--pretrained",
+                    str(weights),
+                    "--classes",
+                    classes,
+                    "--templates",
+                    row.templates,
+                ]
             for run in ("cold", "warm"):
-                seconds, peak, code = run_segment(cli, env)
+                seconds, peak, code, stdout = run_segment(cli, env)
+                rate = re.search(r"\(([0-9.]+) images/s\)", stdout)
                 checks = {"cold s": seconds if run == "cold" else None, "warm s": seconds if run == "warm" else None,
                           "peak GB": peak}  # fmt: skip
                 target = [(k, v) for k, v in row.targets.items() if checks[k] is not None]
                 text = ", ".join(f"{k} <= {v:g}" for k, v in target)
                 ok = "fail" if code else ("yes" if all(checks[k] <= v for k, v in target) else "NO") if target else ""
-                print(f"{name:<18}{run:<6}{seconds:>8.2f}{peak:>9.2f}  {text:<14}{ok:<4}", flush=True)
+                shown = rate.group(1) if rate else f"{row.images / seconds:.2f}"
+                print(f"{name:<22}{run:<6}{seconds:>8.2f}{peak:>9.2f}{shown:>10}  {text:<14}{ok:<4}", flush=True)
 
 
 if __name__ == "__main__":
