@@ -1,5 +1,6 @@
 """DenseCLIP segmentors, backbones, text side and registry: paper sizes, invariants and independent parity checks."""
 
+import copy
 import logging
 
 import open_clip
@@ -340,6 +341,11 @@ def test_vit_backbone_matches_clip_and_builds_pyramid():
     twice = CLIPViTBackbone(clip.visual, class_embedding_twice=True, drop_path=0).eval()
     with torch.no_grad():
         assert not torch.allclose(twice(x)["global_embed"], ref)
+        # the authors' forward: pos[0] + class_embedding at the class position, i.e. CLIP with that sum as
+        # its class position embedding
+        authors = copy.deepcopy(clip)
+        authors.visual.positional_embedding[0] += authors.visual.class_embedding
+        torch.testing.assert_close(twice(x)["global_embed"], authors.encode_image(x), atol=1e-5, rtol=0)
     stochastic = CLIPViTBackbone(clip.visual, drop_path=0.5).train()
     assert [type(m).__name__ for m in stochastic.drop_paths] == ["Identity", "StochasticDepth"]
     torch.manual_seed(0)
@@ -495,3 +501,16 @@ def test_flops_placeholder_classes_fit_the_prompt_context(caplog):
         counts = model_complexity(cfg, size=64)
     assert counts.counts[0].gflops > 0 and "150 classes" in counts.format()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.parametrize("name", ["denseclip_fpn_vitb16", "clip_fpn_vitb16", "ppl_fpn_vitb16"])
+def test_paper_vit_configs_use_the_authors_class_embedding(name, monkeypatch):
+    """DenseCLIP's CLIPVisionTransformer adds the class embedding twice; the paper ViT models do too."""
+    from clipdense.models import registry
+
+    seen = {}
+    builder = {"denseclip": "build_denseclip", "clip": "build_clip_fpn", "ppl": "build_ppl"}[name.split("_")[0]]
+    module = registry._MODELS[name].__module__
+    monkeypatch.setattr(f"{module}.{builder}", lambda **kw: seen.update(kw))
+    registry.create_model(name, num_classes=2, class_names=["a", "b"], pretrained=None)
+    assert seen["class_embedding_twice"] is True and seen["clip_model"] == "ViT-B-16"

@@ -32,7 +32,7 @@ from clipdense.clip.text import tokenize_class_names
 from clipdense.models._build import DEFAULT_PRETRAINED, build_decoder, check_classes, clip_backbone, with_defaults
 from clipdense.models.backbones import dense_level_index
 from clipdense.models.registry import register_model
-from clipdense.models.segmentors import segmentation_cross_entropy
+from clipdense.models.segmentors import VIT_B16_PAPER, segmentation_cross_entropy
 from clipdense.models.text import ContextDecoder, ContextDecoderLayer, ContextTextEncoder, _Attention
 
 SIGMA_TYPES: tuple[str, ...] = ("isotropic", "diagonal")
@@ -786,8 +786,9 @@ def ppl_fpn_rn101(**kw) -> PPLSegmentor:
 
 @register_model
 def ppl_fpn_vitb16(**kw) -> PPLSegmentor:
-    """PPL + Semantic FPN, CLIP ViT-B/16, 640 crops, drop path 0.1 (ADE20K: 51.6 mIoU)."""
-    return build_ppl(**with_defaults(dict(clip_model="ViT-B-16", input_resolution=640, drop_path=0.1), kw))
+    """PPL + Semantic FPN, CLIP ViT-B/16, 640 crops, drop path 0.1 (ADE20K: 51.6 mIoU); the DenseCLIP
+    authors' backbone forward (class embedding added twice), which PPL's code reuses."""
+    return build_ppl(**with_defaults(VIT_B16_PAPER, kw))
 
 
 __all__ = [
