@@ -196,3 +196,32 @@ def test_vit_stage_maps_are_block_outputs(models):
 def test_unknown_mode_is_rejected(models):
     with pytest.raises(ValueError, match="unknown dense mode"):
         dense_clip_encoder(models["tiny-RN"].visual, "bogus")
+
+
+def test_scale_rule_reproduces_dinos_interpolate_pos_encoding():
+    """SCLIP/ClearCLIP/NACLIP: interpolate with scale_factor (w0 + 0.1) / sqrt(N), not to an exact size."""
+    torch.manual_seed(0)
+    pos = torch.randn(14 * 14 + 1, 8)
+    h0, w0 = 320 // 16, 448 // 16  # a 320 x 448 input, ViT-B/16
+    # the official code, written out: (1, C, 14, 14) -> bicubic with the +0.1 scale factors
+    grid = pos[1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    official = F.interpolate(grid, scale_factor=((h0 + 0.1) / 14, (w0 + 0.1) / 14), mode="bicubic")
+    assert official.shape[-2:] == (h0, w0)
+    official = torch.cat([pos[:1], official.permute(0, 2, 3, 1).reshape(h0 * w0, 8)])
+    torch.testing.assert_close(resize_grid_embedding(pos, (h0, w0), "bicubic", "scale"), official)
+    by_size = resize_grid_embedding(pos, (h0, w0), "bicubic", "size")
+    assert (by_size - official).norm() / official.norm() > 0.05  # the rules differ visibly
+    with pytest.raises(ValueError, match="unknown resize rule"):
+        resize_grid_embedding(pos, (h0, w0), "bicubic", "round")
+
+
+def test_each_vit_mode_resizes_as_its_official_code(models):
+    visual = models["tiny-ViT"].visual
+    expected = {"maskclip": "size", "vanilla": "size", "sclip": "scale", "clearclip": "scale", "naclip": "scale"}
+    for mode, rule in expected.items():
+        assert dense_clip_encoder(visual, mode).pos_resize == rule
+    assert dense_clip_encoder(visual, "sclip", pos_resize="size").pos_resize == "size"
+    x = torch.randn(1, 3, 40, 72)  # not the native grid
+    a = dense_clip_encoder(visual, "sclip")(x).dense
+    b = dense_clip_encoder(visual, "sclip", pos_resize="size")(x).dense
+    assert not torch.allclose(a, b)

@@ -67,13 +67,17 @@ def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(images, (0, pw, 0, ph)) if ph or pw else images
 
 
-def resize_grid_embedding(pos: torch.Tensor, grid: tuple[int, int], mode: str) -> torch.Tensor:
+def resize_grid_embedding(pos: torch.Tensor, grid: tuple[int, int], mode: str, rule: str = "size") -> torch.Tensor:
     """Resize a square positional-embedding grid (with a leading class position) to ``grid``.
 
     Args:
         pos: (N*N + 1) x C positional embedding, row 0 the class position.
         grid: Target (h, w).
         mode: Interpolation (``bilinear`` as DenseCLIP for the ResNet pool, ``bicubic`` for ViT).
+        rule: ``"size"``: interpolate to exactly ``grid`` (mmseg's ``resize``, MaskCLIP and DenseCLIP);
+            ``"scale"``: DINO's ``interpolate_pos_encoding`` as SCLIP, ClearCLIP and NACLIP use it, with
+            ``scale_factor = (grid + 0.1) / N`` (the same output size; the sampling positions differ:
+            ~10% relative at 320 x 448).
 
     Returns:
         (h*w + 1) x C embedding; the input itself when the grid already matches.
@@ -82,7 +86,13 @@ def resize_grid_embedding(pos: torch.Tensor, grid: tuple[int, int], mode: str) -
     if (n, n) == tuple(grid):
         return pos
     spatial = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
-    spatial = F.interpolate(spatial, size=grid, mode=mode, align_corners=False)
+    if rule == "scale":
+        scale = ((grid[0] + 0.1) / n, (grid[1] + 0.1) / n)
+        spatial = F.interpolate(spatial, scale_factor=scale, mode=mode, align_corners=False)
+    elif rule == "size":
+        spatial = F.interpolate(spatial, size=grid, mode=mode, align_corners=False)
+    else:
+        raise ValueError(f"unknown resize rule {rule!r}; use 'size' or 'scale'")
     spatial = spatial.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
     return torch.cat([pos[:1], spatial])
 
@@ -199,6 +209,10 @@ class DenseResNetCLIP(nn.Module):
         return DenseFeatures(global_embed, to_map(dense), to_map(keys), stages, padded, self.stride)
 
 
+#: Modes whose official code resizes ViT positional embeddings by scale factor (DINO's rule).
+SCALE_RESIZE_MODES = ("sclip", "clearclip", "naclip")
+
+
 class DenseViTCLIP(nn.Module):
     """Dense features from CLIP's VisionTransformer (ViT-B/16, ...).
 
@@ -208,6 +222,8 @@ class DenseViTCLIP(nn.Module):
         out_indices: Blocks whose outputs are returned as ``stages`` (default: DenseCLIP's
             [3, 5, 7, 11] scaled to the depth).
         naclip_std: Std of NACLIP's Gaussian bias, in patches.
+        pos_resize: How the positional grid is resized to the token grid (see :func:`resize_grid_embedding`);
+            None: as each mode's official code (``scale`` for sclip, clearclip and naclip, ``size`` otherwise).
     """
 
     def __init__(
@@ -216,6 +232,7 @@ class DenseViTCLIP(nn.Module):
         mode: str = "maskclip",
         out_indices: Sequence[int] | None = None,
         naclip_std: float = 5.0,
+        pos_resize: str | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -231,6 +248,9 @@ class DenseViTCLIP(nn.Module):
             out_indices = [3, 5, 7, 11] if depth == 12 else out_indices
         self.out_indices = tuple(out_indices)
         self.naclip_std = naclip_std
+        self.pos_resize = pos_resize or ("scale" if mode in SCALE_RESIZE_MODES else "size")
+        if self.pos_resize not in ("size", "scale"):
+            raise ValueError(f"unknown pos_resize {pos_resize!r}; use 'size' or 'scale'")
         self.stride = int(visual.patch_size[0])
 
     def _last_block(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +294,7 @@ class DenseViTCLIP(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.view(1, 1, -1).expand(b, -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
-        x = x + resize_grid_embedding(v.positional_embedding, (h, w), "bicubic").to(x.dtype)
+        x = x + resize_grid_embedding(v.positional_embedding, (h, w), "bicubic", self.pos_resize).to(x.dtype)
         x = v.ln_pre(x)
         blocks = v.transformer.resblocks
         stages = []
