@@ -94,6 +94,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         if args.model is None:
             used += "; --model/--pretrained choose another CLIP"
         print(f"model: {used}")
+    settings = predictor.describe()  # the same for every image
     start = time.perf_counter()
     with (
         ThreadPoolExecutor(1) as writer,
@@ -102,7 +103,6 @@ def cmd_segment(args: argparse.Namespace) -> None:
         writes: list[Future] = []  # in flight: overlay and PNG encoding of the previous images
         for path, image, seg in _segmentations(predictor, images, args):
             seg.confidence = None  # unused by the outputs: its H x W floats (108 MB at 27 MP) go now
-            settings = predictor.describe()
             writes.append(
                 writer.submit(_write_segmentation, out_dir, path, image, seg, names, settings, len(images) == 1)
             )
