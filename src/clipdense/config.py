@@ -141,37 +141,80 @@ class EvalConfig:
     channels_last: bool = True
 
 
+#: Evaluation presets (:mod:`clipdense.inference.presets`): the four methods, plus ClearCLIP's shipped config.
+PRESETS: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "clearclip-shipped", "naclip")
+
+#: The datasets of the shared eight-dataset benchmark the presets cover, in the papers' column order.
+PRESET_DATASETS: tuple[str, ...] = (
+    "voc21", "context60", "cocoobject", "voc20", "context59", "cocostuff171", "cityscapes", "ade20k",
+)  # fmt: skip
+
 #: The training-free dense modes (:func:`clipdense.clip.dense.dense_clip_encoder`).
-MODES: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip", "vanilla")
+MODES: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip", "vanilla", "clearclip_qk")
 
 
 @dataclass
 class SegmenterConfig:
-    """Inference settings; the defaults follow the shared protocol of MaskCLIP's successors.
+    """Inference settings; the defaults follow the shared protocol of MaskCLIP's successors, tuned for photos.
+
+    The papers' evaluation protocols are presets (:mod:`clipdense.inference.presets`); the fields below that
+    default to our choice name the official behaviour they replace.
 
     Attributes:
         mode: Dense mode (``maskclip``, ``sclip``, ``clearclip``, ``naclip``, ``vanilla``).
-        templates: Prompt template set (``ensemble`` = 80 ImageNet + 5 scene templates, ``single``).
+        templates: Prompt template set (``ensemble`` = 80 ImageNet + 5 scene templates, MaskCLIP's;
+            ``imagenet`` = the 80 of SCLIP, ClearCLIP and NACLIP; ``single``).
         short_side: Resize the shorter image side to this before inference (None: keep).
+        resize: Size rule of that resize: ``torchvision`` (long side truncated, antialiased) or ``mmcv`` (the
+            official mmseg ``Resize(scale=(long_max, short_side), keep_ratio=True)``: one scale factor
+            ``min(long_max / long, short_side / short)``, sides rounded half up, bilinear without antialiasing,
+            so 333 x 500 -> 336 x 505).
+        long_max: ``mmcv`` only: the long-side bound of the rescale (mmseg's 2048).
+        normalize: Image normalisation: ``clip`` (the weights' mean/std) or ``imagenet`` (MaskCLIP's configs
+            normalise with ImageNet's mean/std).
         window: Sliding-window crop size; None for whole-image inference.
         stride: Sliding-window stride.
-        logit_scale: Temperature applied to cosine scores before the softmax over classes.
+        patch_fit: A window whose sides are not multiples of the patch size: ``pad`` (zero-pad bottom/right,
+            upsample the scores to the padded size, crop), ``pad_stretch`` (pad the same, but upsample to the
+            window's own size, as mmseg's ``AdaptivePadding`` + resize do in MaskCLIP) or ``truncate`` (drop the
+            remainder pixels and stretch the scores over the window, as the stride-16 convolution of SCLIP and
+            NACLIP does in whole-image mode).
+        logit_scale: Temperature applied to cosine scores before the softmax over classes. With key smoothing the
+            refined outputs are probabilities and their softmax is taken unscaled, as mmseg does after MaskCLIP.
+        synonyms: How a class's synonyms are reduced: ``max_cosine`` (the best synonym's cosine, then the
+            softmax over classes) or ``max_prob`` (the official SCLIP/ClearCLIP/NACLIP reduction: the softmax over
+            all synonyms of all classes, then the max per class).
         background_threshold: Pixels whose top class probability is below this become background
-            (a ``background`` class is prepended when the list has none).
-        prompt_denoise: MaskCLIP prompt denoising threshold (0.5 in MaskCLIP+); None: off.
-        key_smoothing: MaskCLIP key smoothing threshold (0.5 in MaskCLIP+); None: off.
+            (a ``background`` class is prepended when the list has none); SCLIP's ``prob_thd``.
+        area_threshold: SCLIP's ``area_thd``: a class (background excepted) predicted on no more than this
+            fraction of the non-background pixels is removed and its pixels re-labelled; None: off.
+        prompt_denoise: MaskCLIP prompt denoising threshold (0.5 in MaskCLIP's code); None: off.
+        key_smoothing: MaskCLIP key smoothing threshold (1.0 in MaskCLIP+'s annotation-free configs); None: off.
+        key_norm: Key normalisation of key smoothing: ``official`` (per channel over positions, the authors'
+            code) or ``cosine`` (per pixel, the paper's formula); see :func:`clipdense.clip.refine.key_smoothing`.
+        pamr_steps: PAMR iterations on the full-resolution scores (NACLIP: 10); 0: off.
+        pamr_dilations: PAMR's neighbourhood dilations (NACLIP: 8 and 16).
         window_batch: Windows encoded per forward pass.
     """
 
     mode: str = "maskclip"
     templates: str = "ensemble"
     short_side: int | None = 336
+    resize: Literal["torchvision", "mmcv"] = "torchvision"
+    long_max: int = 2048
+    normalize: Literal["clip", "imagenet"] = "clip"
     window: int | None = 224
     stride: int = 112
+    patch_fit: Literal["pad", "pad_stretch", "truncate"] = "pad"
     logit_scale: float = 40.0
+    synonyms: Literal["max_cosine", "max_prob"] = "max_cosine"
     background_threshold: float | None = None
+    area_threshold: float | None = None
     prompt_denoise: float | None = None
     key_smoothing: float | None = None
+    key_norm: Literal["official", "cosine"] = "official"
+    pamr_steps: int = 0
+    pamr_dilations: tuple[int, ...] = (8, 16)
     window_batch: int = 16
 
     def __post_init__(self) -> None:
@@ -179,10 +222,19 @@ class SegmenterConfig:
             raise ValueError(f"unknown mode '{self.mode}'; choose one of {MODES}")
         if self.window is not None and not 0 < self.stride <= self.window:
             raise ValueError(f"stride must be in (0, window]; got stride {self.stride}, window {self.window}")
-        for name in ("background_threshold", "prompt_denoise", "key_smoothing"):
+        for name in ("background_threshold", "area_threshold", "prompt_denoise", "key_smoothing"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1]; got {value}")
+        choices = {"resize": ("torchvision", "mmcv"), "synonyms": ("max_cosine", "max_prob"),
+                   "key_norm": ("official", "cosine"), "normalize": ("clip", "imagenet"),
+                   "patch_fit": ("pad", "pad_stretch", "truncate")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}")
+        if self.pamr_steps < 0 or any(d <= 0 for d in self.pamr_dilations):
+            raise ValueError(f"pamr_steps must be >= 0 and dilations > 0; got {self.pamr_steps}, {self.pamr_dilations}")
+        self.pamr_dilations = tuple(self.pamr_dilations)
 
 
 @dataclass

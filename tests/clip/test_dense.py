@@ -132,10 +132,10 @@ def _vit_reference(visual, x, mode):
         bias = torch.zeros(g * g + 1, g * g + 1)
         bias[1:, 1:] = gauss
         heads_out = soft(k, k, bias) @ v
-    else:
+    else:  # vanilla, clearclip_qk
         heads_out = soft(q, k) @ v
     out = attn.out_proj(heads_out.transpose(1, 2).reshape(tokens.shape))
-    if mode in ("clearclip", "naclip"):
+    if mode in ("clearclip", "clearclip_qk", "naclip"):
         z = out
     else:
         z = tokens + out
@@ -152,6 +152,26 @@ def test_vit_modes_match_their_formulas(models, mode):
         out = DenseViTCLIP(visual, mode)(x)
         ref = _vit_reference(visual, x, mode)
     torch.testing.assert_close(out.dense, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["maskclip", "sclip"])
+def test_vit_keys_are_maskclips_projected_keys(models, mode):
+    """MaskCLIP's ViT backbone (mmseg/models/backbones/vit.py, return_qkv) passes q, k and v of the last block
+    through the attention's out_proj; its head smooths with those keys."""
+    visual = models["tiny-ViT"].visual
+    x = torch.randn(2, 3, 32, 32)
+    captured = {}
+    last = visual.transformer.resblocks[-1]
+    hook = last.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        visual(x)
+        hook.remove()
+        out = DenseViTCLIP(visual, mode)(x)
+        y = last.ln_1(captured["x"])
+        _, wk, _ = last.attn.in_proj_weight.chunk(3)
+        _, bk, _ = last.attn.in_proj_bias.chunk(3)
+        k = (y @ wk.T + bk) @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
+    torch.testing.assert_close(out.keys, k[:, 1:].transpose(1, 2).reshape(2, -1, 4, 4), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["sclip", "clearclip", "naclip"])
@@ -217,7 +237,14 @@ def test_scale_rule_reproduces_dinos_interpolate_pos_encoding():
 
 def test_each_vit_mode_resizes_as_its_official_code(models):
     visual = models["tiny-ViT"].visual
-    expected = {"maskclip": "size", "vanilla": "size", "sclip": "scale", "clearclip": "scale", "naclip": "scale"}
+    expected = {
+        "maskclip": "size",
+        "vanilla": "size",
+        "sclip": "scale",
+        "clearclip": "scale",
+        "naclip": "scale",
+        "clearclip_qk": "scale",
+    }
     for mode, rule in expected.items():
         assert dense_clip_encoder(visual, mode).pos_resize == rule
     assert dense_clip_encoder(visual, "sclip", pos_resize="size").pos_resize == "size"

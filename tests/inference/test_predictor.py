@@ -1,5 +1,7 @@
 """OpenVocabPredictor: windows, refinements, background, shapes."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -100,24 +102,60 @@ def test_prompt_denoise_formula():
     assert torch.all(out[0, 2] == -100)
 
 
-def test_key_smoothing_formula():
+def _official_refine_output(output, k, ks_thresh):
+    """MaskClipHead.refine_output's key smoothing (MaskCLIP, mmseg/models/decode_heads/maskclip_head.py), in its
+    own layout: output N x C x H x W, k N x HW x C keys."""
+    output = torch.softmax(output * 100, dim=1)
+    n, c, h, w = output.shape
+    output = output.view(n, c, -1).transpose(-2, -1).clone()
+    k = F.normalize(k, p=2)  # dim=1: over the HW positions
+    weight = k @ k.transpose(-2, -1)
+    selected = (output.max(dim=-1, keepdim=True)[0] < ks_thresh).expand(-1, -1, c)
+    weighted = weight @ output
+    output[selected] = weighted[selected]
+    return output.transpose(-2, -1).reshape(n, c, h, w)
+
+
+def test_key_smoothing_matches_the_official_head():
     torch.manual_seed(0)
-    scores = torch.randn(1, 4, 3, 3) * 0.02
+    scores = torch.randn(2, 4, 3, 5) * 0.02
     scores[0, 1, 0, 0] = 1.0  # one confident pixel
-    keys = torch.randn(1, 8, 3, 3)
+    keys = torch.randn(2, 8, 3, 5)
     out = key_smoothing(scores, keys, 0.9)
-    p = torch.softmax(100 * scores, 1).flatten(2)[0]  # C x N
-    k = F.normalize(keys.flatten(2)[0], dim=0)  # Ck x N
-    w = k.T @ k
-    expected = p.clone()
-    for i in range(9):
-        if p[:, i].max() < 0.9:
-            expected[:, i] = sum(w[i, j] * p[:, j] for j in range(9))
-    expected = expected.clamp_min(1e-12)
-    expected = expected / expected.sum(0, keepdim=True)
-    torch.testing.assert_close(torch.softmax(100 * out, 1).flatten(2)[0], expected, atol=1e-5, rtol=0)
+    expected = _official_refine_output(scores, keys.flatten(2).transpose(1, 2), 0.9)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert (out < 0).any()  # no clamp: official weights can be negative
     # the confident pixel keeps its own distribution
-    torch.testing.assert_close(torch.softmax(100 * out, 1)[0, :, 0, 0], p[:, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.softmax(100 * scores, 1)[0, :, 0, 0])
+
+
+def test_key_smoothing_by_hand():
+    """Two pixels, two classes, 1-channel keys (3, 4). Pixel 0 is a tie (P = 1/2, 1/2); pixel 1 has scores (0.1, 0):
+    P = (1, e^-10) / (1 + e^-10). official: keys / ||(3, 4)|| = (0.6, 0.8), w_00 = 0.36, w_01 = 0.48, so pixel 0
+    becomes 0.36 * (1/2, 1/2) + 0.48 * P_1. cosine: each 1-d key normalises to 1, w = 1, pixel 0 = (1/2, 1/2) + P_1."""
+    scores = torch.tensor([[0.0, 0.1], [0.0, 0.0]]).view(1, 2, 1, 2)
+    keys = torch.tensor([3.0, 4.0]).view(1, 1, 1, 2)
+    e = math.exp(-10)
+    p1 = torch.tensor([1 / (1 + e), e / (1 + e)])
+    official = key_smoothing(scores, keys, 0.9)[0, :, 0]
+    torch.testing.assert_close(official[:, 0], 0.18 + 0.48 * p1)
+    torch.testing.assert_close(official[:, 1], p1)  # above the threshold: kept
+    cosine = key_smoothing(scores, keys, 0.9, key_norm="cosine")[0, :, 0]
+    torch.testing.assert_close(cosine[:, 0], 0.5 + p1)
+
+
+def test_key_smoothed_probabilities_are_what_is_upsampled(clip, image):
+    """With key smoothing, window outputs are probabilities: averaged, upsampled, then softmax unscaled (mmseg)."""
+    cfg = SegmenterConfig(templates="single", short_side=None, window=None, key_smoothing=1.0)
+    p = OpenVocabPredictor(clip, cfg)
+    p.set_image(image)
+    p.set_classes(["cat", "sky", "road"])
+    probs = p.predict(probs=True).probs
+    x = (image.float() / 255 - torch.tensor(clip.mean).view(3, 1, 1)) / torch.tensor(clip.std).view(3, 1, 1)
+    out = p.encoder(x[None])
+    smoothed = key_smoothing(p._classes.scores(out.dense), out.keys, 1.0)
+    full = F.interpolate(smoothed, size=out.padded_size, mode="bilinear")[..., :75, :110]
+    torch.testing.assert_close(probs, F.softmax(full[0], dim=0), atol=1e-5, rtol=0)
 
 
 def test_refinements_run_in_the_predictor(clip, image):

@@ -72,6 +72,18 @@ def test_confidence_threshold():
     assert torch.equal(target[labels < 2], labels[labels < 2])  # GT is never thresholded
 
 
+def test_probability_guides_threshold_their_own_max():
+    """A key-smoothed guide returns probabilities: the official conf_thresh compares their max, unscaled."""
+    scores, labels = _scores_and_labels()
+    probs = F.softmax(3 * scores, dim=1)
+    conf, arg = probs.max(1)
+    thr = float(conf.median())
+    target = pseudo_labels(probs, labels, set(), "annotation_free", confidence_threshold=thr, scale=None)
+    keep = (labels != 255) & (conf >= thr)
+    assert keep.any() and (~keep & (labels != 255)).any()
+    assert torch.equal(target[keep], arg[keep]) and (target[~keep] == 255).all()
+
+
 def test_annotation_free_pseudo_labels():
     scores, labels = _scores_and_labels()
     target = pseudo_labels(scores, labels, set(), "annotation_free")
@@ -337,7 +349,7 @@ def test_shipped_configs_are_consistent():
     from clipdense.data.datasets import DATASETS
 
     paths = sorted((Path(__file__).parents[2] / "configs" / "maskclip_plus").glob("maskclip_plus_*.yaml"))
-    assert len(paths) == 6
+    assert len(paths) == 7
     for path in paths:
         cfg = load_config(path)
         over = cfg.model.overrides
@@ -345,3 +357,8 @@ def test_shipped_configs_are_consistent():
         if over["protocol"] == "zeroshot":
             names = load_classnames(DATASETS[cfg.data.dataset].class_list)
             assert class_indices(load_unseen_split(over["unseen_classes"]), names)
+        else:  # the authors' anno_free configs: RN50 guides unrefined; ViT-B/16 kspd: ks 1.0, pd 0.5; 2k/4k/8k iters
+            refine = (over.get("key_smoothing", 0.0), over.get("prompt_denoise", 0.0))
+            assert refine == ((1.0, 0.5) if over["clip_model"] == "ViT-B-16" else (0.0, 0.0))
+            assert cfg.train.iters == {"voc20": 2000, "context59": 4000, "cocostuff171": 8000}[cfg.data.dataset]
+        assert cfg.optim.min_lr == 1e-4

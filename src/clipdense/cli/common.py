@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from clipdense.config import SegmenterConfig
     from clipdense.inference import OpenVocabPredictor
+    from clipdense.inference.presets import Preset
 
 DEFAULT_MODEL = "RN50"
 DEFAULT_PRETRAINED = "openai"
@@ -226,6 +227,17 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODE
                    help="MaskCLIP key smoothing threshold, e.g. 0.5 (default: off)")  # fmt: skip
     g.add_argument("--prompt-denoise", type=fraction, default=None,
                    help="MaskCLIP prompt denoising threshold, e.g. 0.5 (default: off)")  # fmt: skip
+    g.add_argument("--key-norm", choices=("official", "cosine"), default=None,
+                   help="key normalisation of key smoothing: official (per channel over positions, the authors' "
+                   "code) or cosine (per pixel, the paper's formula) (default: official)")  # fmt: skip
+    g.add_argument("--synonyms", choices=("max_cosine", "max_prob"), default=None,
+                   help="synonym reduction: max_cosine (best synonym's cosine, then softmax) or max_prob (softmax "
+                   "over all synonyms, then max per class: SCLIP/ClearCLIP/NACLIP) (default: max_cosine)")  # fmt: skip
+    g.add_argument("--area-threshold", type=fraction, default=None,
+                   help="SCLIP's area threshold: drop classes covering no more than this fraction of the "
+                   "non-background pixels (default: off)")  # fmt: skip
+    g.add_argument("--pamr-steps", type=non_negative_int, default=None,
+                   help="PAMR refinement iterations, dilations 8 and 16 (NACLIP: 10) (default: 0, off)")  # fmt: skip
     g.add_argument("--no-cache", action="store_true", help="do not read or write the class-embedding cache on disk "
                    "(~/.cache/clipdense; CLIPDENSE_CACHE moves it)")  # fmt: skip
     add_device_arg(g)
@@ -234,7 +246,13 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODE
 
 #: Flags of :func:`add_model_args` that only training-free inference uses (a trained run fixes them).
 TRAINING_FREE_FLAGS = ("model", "pretrained", "random_weights", "quick_gelu", "mode", "templates", "logit_scale",
-                       "background_threshold", "key_smoothing", "prompt_denoise", "window_batch")  # fmt: skip
+                       "background_threshold", "key_smoothing", "prompt_denoise", "window_batch", "key_norm",
+                       "synonyms", "area_threshold", "pamr_steps")  # fmt: skip
+
+#: Flags that set a :class:`~clipdense.config.SegmenterConfig` field of the same name when given.
+_SETTING_FLAGS = ("templates", "short_side", "window", "stride", "mode", "logit_scale", "window_batch",
+                  "background_threshold", "prompt_denoise", "key_smoothing", "key_norm", "synonyms",
+                  "area_threshold", "pamr_steps")  # fmt: skip
 
 
 def model_source(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -259,24 +277,24 @@ def model_source(args: argparse.Namespace) -> tuple[str, str | None]:
     return model, OFFLINE_PRETRAINED if model == OFFLINE_MODEL else DEFAULT_PRETRAINED
 
 
-def segmenter_config(args: argparse.Namespace, recommended: dict) -> SegmenterConfig:
-    """Inference settings: the flags given, then what the weights recommend, then the library defaults."""
+def segmenter_config(
+    args: argparse.Namespace, recommended: dict, base: SegmenterConfig | None = None
+) -> SegmenterConfig:
+    """Inference settings: the flags given, then ``base`` (a preset's) or what the weights recommend, then the
+    library defaults."""
+    from dataclasses import replace
+
     from clipdense.config import SegmenterConfig
 
-    chosen = {k: v for k, v in recommended.items() if k in ("templates", "short_side", "window", "stride")}
-    for name in ("templates", "short_side", "window", "stride", "mode", "logit_scale", "window_batch"):
-        if getattr(args, name) is not None:
-            chosen[name] = getattr(args, name)
+    if base is None:
+        base = SegmenterConfig(**{k: v for k, v in recommended.items() if k in ("templates", "short_side", "window",
+                                                                               "stride")})  # fmt: skip
+    chosen = {name: getattr(args, name) for name in _SETTING_FLAGS if getattr(args, name, None) is not None}
     if args.whole:
         chosen["window"] = None
     if chosen.get("short_side") == 0:
         chosen["short_side"] = None
-    return SegmenterConfig(
-        background_threshold=args.background_threshold,
-        prompt_denoise=args.prompt_denoise,
-        key_smoothing=args.key_smoothing,
-        **chosen,
-    )
+    return replace(base, **chosen)
 
 
 def trained_eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -303,16 +321,21 @@ def trained_eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def build_predictor(args: argparse.Namespace) -> OpenVocabPredictor:
-    """The training-free predictor that :func:`add_model_args`' flags describe."""
+def build_predictor(args: argparse.Namespace, preset: Preset | None = None) -> OpenVocabPredictor:
+    """The training-free predictor that :func:`add_model_args`' flags describe, on top of a preset's settings
+    (and its model, unless --model is given)."""
     from clipdense.clip.loading import load_clip
     from clipdense.clip.text import TextEmbedder
     from clipdense.inference import OpenVocabPredictor
 
-    model, pretrained = model_source(args)
+    if preset is not None and args.model is None and not args.random_weights:
+        model, pretrained = preset.model
+        pretrained = args.pretrained or pretrained
+    else:
+        model, pretrained = model_source(args)
     quick_gelu = {None: None, "auto": None, "on": True, "off": False}[args.quick_gelu]
     clip = load_clip(model, pretrained, device=args.device, quick_gelu=quick_gelu)
-    config = segmenter_config(args, dict(clip.inference))
+    config = segmenter_config(args, dict(clip.inference), None if preset is None else preset.config)
     return OpenVocabPredictor(clip, config, TextEmbedder(clip, config.templates, disk_cache=not args.no_cache))
 
 

@@ -22,6 +22,7 @@ REPORTS = Path("outputs")
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``eval-zeroshot`` and ``robustness``."""
     datasets = LazyChoices("clipdense.data.datasets", "list_datasets")
+    presets = LazyChoices("clipdense.config", "PRESETS")
     corruptions = LazyChoices("clipdense.evaluation.robustness", "CORRUPTIONS")
     severities = LazyChoices("clipdense.evaluation.robustness", "SEVERITIES")
 
@@ -32,6 +33,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     p.add_argument("--out", default=None, help=f"JSON report path (default: {REPORTS}/eval_<dataset>_<mode>"
                    "[_<corruption><severity>][_limit<N>].json)")  # fmt: skip
+    p.add_argument("--preset", choices=presets, default=None, metavar="NAME",
+                   help="an official evaluation protocol: %(choices)s. Sets the mode, templates, class-name file, "
+                   "resize, windows, logit scale, thresholds and PAMR of that method's config for --dataset, "
+                   "and ViT-B-16/openai unless --model is given; other flags given override it")  # fmt: skip
+    p.add_argument("--class-list", default=None, metavar="NAME",
+                   help="a shipped class list to segment with, e.g. voc21 (ours) or sclip_voc21 (official) "
+                   "(default: the preset's, else the dataset's)")  # fmt: skip
     g = p.add_argument_group("corruption (needs clipdense[robustness])")
     g.add_argument("--corruption", choices=corruptions, default=None, metavar="NAME",
                    help="corrupt each image (ImageNet-C): %(choices)s")  # fmt: skip
@@ -86,24 +94,60 @@ def _limit_suffix(args: argparse.Namespace) -> str:
     return "" if args.limit is None else f"_limit{args.limit}"
 
 
+def _preset(args: argparse.Namespace):
+    """The --preset's protocol for --dataset (None without --preset), its mirrors printed."""
+    if args.preset is None:
+        return None
+    from clipdense.inference.presets import DATASETS, get_preset
+
+    if args.dataset not in DATASETS:
+        raise CLIError(f"--preset covers the datasets {', '.join(DATASETS)}; got --dataset {args.dataset}")
+    preset = get_preset(args.preset, args.dataset)
+    print(f"preset {preset.name} on {preset.dataset}: mirrors {preset.mirrors}; classes: {preset.class_list}")
+    return preset
+
+
+def _class_entries(args: argparse.Namespace, preset) -> tuple[list[str] | None, int | None]:
+    """The class entries (None: the dataset's) and their background entry."""
+    from clipdense.data.classnames import load_classnames
+
+    name = args.class_list or (preset.class_list if preset is not None else None)
+    if name is None:
+        return None, None
+    try:
+        entries = load_classnames(name)
+    except ValueError as e:
+        raise CLIError(f"--class-list: {e}") from None
+    background = None if preset is None else preset.background_index
+    return entries, background
+
+
 def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
     """Prints the per-class table and writes the JSON report (``outputs/eval_<dataset>_<mode>...json`` unless --out)."""
     from clipdense.data.datasets import build_dataset
     from clipdense.evaluation.segmentation import evaluate_predictor
 
     corruption = _corruption_from_args(args)
-    name = f"eval_{args.dataset}_{_mode(args)}"
+    preset = _preset(args)
+    name = f"eval_{args.dataset}_{args.preset or _mode(args)}"
     if corruption is not None:
         name += f"_{args.corruption}{args.severity}"
     out = check_output(args.out or REPORTS / f"{name}{_limit_suffix(args)}.json", folder=False)
     dataset = build_dataset(args.dataset, args.root, args.split)
-    predictor = build_predictor(args)
+    classes, background = _class_entries(args, preset)
+    if classes is not None and len(classes) != dataset.num_classes:
+        raise CLIError(f"--class-list has {len(classes)} classes; {args.dataset} has {dataset.num_classes}")
+    predictor = build_predictor(args, preset)
     report = evaluate_predictor(
-        predictor, dataset, args.limit, corruption=args.corruption, severity=args.severity, seed=args.corruption_seed
-    )
+        predictor, dataset, args.limit, corruption=args.corruption, severity=args.severity,
+        seed=args.corruption_seed, classes=classes, background_index=background,
+    )  # fmt: skip
     print(report.format_table())
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     payload = {"dataset": args.dataset, "images": count, "settings": predictor.describe(), "corruption": corruption}
+    if preset is not None:
+        payload["preset"] = {"name": preset.name, "mirrors": preset.mirrors, "class_list": args.class_list
+                             or preset.class_list, "reported_miou": preset.reported_miou}  # fmt: skip
     payload.update(report.to_dict())
     write_json(out, payload)
     print(f"saved {out}")

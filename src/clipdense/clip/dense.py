@@ -19,6 +19,9 @@ per-head projections and s = 1/sqrt(head_dim):
 * ``clearclip``: softmax(q q^T s) v, no residual, no MLP.
 * ``naclip``: softmax(k k^T s + G) v with G a Gaussian neighbourhood bias (std 5 patches,
   peak 1, zero for the class token), no residual, no MLP.
+* ``clearclip_qk``: softmax(q k^T s) v, no residual, no MLP: what ClearCLIP's shipped
+  ``configs/base_config.py`` runs (``model_type='vanilla', ignore_residual=True``); its author names q-q
+  (``clearclip``) as the setting of the paper's numbers.
 
 The ResNet attention pool has no residual or MLP, so there the modes differ only in attention.
 """
@@ -130,7 +133,7 @@ def mode_attention(
     """
     if mode == "maskclip":
         return v
-    if mode == "vanilla":
+    if mode in ("vanilla", "clearclip_qk"):
         return F.scaled_dot_product_attention(q, k, v)
     if mode == "clearclip":
         return F.scaled_dot_product_attention(q, q, v)
@@ -210,7 +213,7 @@ class DenseResNetCLIP(nn.Module):
 
 
 #: Modes whose official code resizes ViT positional embeddings by scale factor (DINO's rule).
-SCALE_RESIZE_MODES = ("sclip", "clearclip", "naclip")
+SCALE_RESIZE_MODES = ("sclip", "clearclip", "clearclip_qk", "naclip")
 
 
 class DenseViTCLIP(nn.Module):
@@ -259,7 +262,7 @@ class DenseViTCLIP(nn.Module):
         attn: nn.MultiheadAttention = blk.attn
         y = blk.ln_1(x)
         q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        keys = k
+        keys = attn.out_proj(k)  # MaskCLIP's key-smoothing keys: the output projection applied to k, as to v
         heads = attn.num_heads
         q, k, v = (_split_heads(t, heads) for t in (q, k, v))
         if self.mode == "vanilla":
@@ -268,7 +271,7 @@ class DenseViTCLIP(nn.Module):
             return z + blk.ls_2(blk.mlp(blk.ln_2(z))), keys
         bias = gaussian_neighbourhood_bias(grid, self.naclip_std, x.device) if self.mode == "naclip" else None
         out = blk.ls_1(attn.out_proj(_merge_heads(mode_attention(q, k, v, self.mode, bias))))
-        if self.mode in ("clearclip", "naclip"):
+        if self.mode in ("clearclip", "clearclip_qk", "naclip"):
             z = out
         else:
             z = x + out

@@ -141,9 +141,19 @@ class ClassEmbeddings:
         Returns:
             B x C x H x W cosine similarities.
         """
+        return self.reduce_synonyms(self.similarities(features))
+
+    def similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine scores of dense features against every synonym.
+
+        Args:
+            features: B x D x H x W features (not necessarily normalised).
+
+        Returns:
+            B x S x H x W cosine similarities, in the order of ``embeddings``.
+        """
         feats = F.normalize(features, dim=1)
-        sims = torch.einsum("bdhw,sd->bshw", feats, self.embeddings.to(feats.dtype))
-        return self.reduce_synonyms(sims)
+        return torch.einsum("bdhw,sd->bshw", feats, self.embeddings.to(feats.dtype))
 
     def reduce_synonyms(self, sims: torch.Tensor) -> torch.Tensor:
         """B x S x ... synonym scores -> B x C x ... class scores (max over each class's synonyms)."""

@@ -23,11 +23,21 @@ AVAILABLE: tuple[str, ...] = (
 )
 
 
+#: The official repositories' class-name files, copied verbatim (``classnames/official/SOURCES.md``), by
+#: ``<method>_<dataset>``: e.g. ``sclip_voc21``, whose background entry is 26 stuff words.
+OFFICIAL: tuple[str, ...] = tuple(
+    f"{method}_{dataset}"
+    for method in ("maskclip", "sclip", "clearclip", "naclip")
+    for dataset in AVAILABLE
+    if not (method == "maskclip" and dataset in ("voc21", "context60", "cocoobject"))  # MaskCLIP ships none
+)
+
+
 def load_classnames(name: str) -> list[str]:
-    """Loads a shipped class list.
+    """Loads a shipped class list: ours (:data:`AVAILABLE`) or an official one (:data:`OFFICIAL`).
 
     Args:
-        name: One of :data:`AVAILABLE`.
+        name: One of :data:`AVAILABLE` or :data:`OFFICIAL`.
 
     Returns:
         The list's entries in label order, synonyms kept (e.g. ``"person, people"``).
@@ -35,12 +45,13 @@ def load_classnames(name: str) -> list[str]:
     Raises:
         ValueError: If ``name`` is not a shipped list.
     """
-    if name not in AVAILABLE:
+    if name not in AVAILABLE and name not in OFFICIAL:
         raise ValueError(
-            f"unknown class list {name!r}; available lists: {', '.join(AVAILABLE)}. "
-            "For your own classes use read_class_file() or parse_class_list()."
+            f"unknown class list {name!r}; available lists: {', '.join(AVAILABLE)}; the official repositories' "
+            f"lists: {', '.join(OFFICIAL)}. For your own classes use read_class_file() or parse_class_list()."
         )
-    text = (resources.files(__package__) / "classnames" / f"{name}.txt").read_text(encoding="utf-8")
+    folder = resources.files(__package__) / "classnames"
+    text = (folder / "official" / f"{name}.txt" if name in OFFICIAL else folder / f"{name}.txt").read_text("utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

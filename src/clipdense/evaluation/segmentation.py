@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -33,6 +35,8 @@ def evaluate_predictor(
     severity: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    classes: Sequence[str] | None = None,
+    background_index: int | None = None,
 ) -> SegmentationReport:
     """mIoU / mAcc / aAcc / fwIoU of a training-free predictor on a dataset, optionally under a corruption.
 
@@ -51,6 +55,9 @@ def evaluate_predictor(
         severity: Its severity, 1 to 5 (with ``corruption`` only).
         seed: Base seed of the corruption.
         progress: Show a tqdm progress bar.
+        classes: The class entries to segment with, in the dataset's label order (e.g. an official class-name
+            file with synonyms); default: the dataset's names. The report names the dataset's classes.
+        background_index: The entry of ``classes`` that is the background, whatever its words.
 
     Returns:
         The report, over ``min(limit, len(dataset))`` images.
@@ -63,7 +70,12 @@ def evaluate_predictor(
     if (corruption is None) != (severity is None):
         raise ValueError("a corruption needs a severity (1..5), and a severity needs a corruption")
     name = getattr(dataset, "name", "the dataset")
-    names = predictor.set_classes(dataset.class_names)
+    if classes is not None and len(classes) != dataset.num_classes:
+        raise ValueError(f"{name} has {dataset.num_classes} classes but {len(classes)} class entries were given")
+    extra = {} if background_index is None else {"background_index": background_index}
+    names = predictor.set_classes(dataset.class_names if classes is None else classes, **extra)
+    if classes is not None and len(names) == dataset.num_classes:
+        names = list(dataset.class_names)
     if len(names) != dataset.num_classes:
         raise ValueError(
             f"{name} has {dataset.num_classes} classes but the predictor has {len(names)}: "

@@ -38,6 +38,8 @@ from clipdense.data.shapesworld import (
 from clipdense.evaluation.metrics import SegmentationMetric
 from clipdense.inference import OpenVocabPredictor, SegmenterConfig
 
+#: The modes :func:`dense_quality` compares by default (``clearclip_qk`` equals ``vanilla`` on a ResNet pool).
+QUALITY_MODES: tuple[str, ...] = tuple(m for m in MODES if m != "clearclip_qk")
 BACKGROUND_ENTRY = ", ".join(["background"] + [f"{b} background" for b in BACKGROUNDS])
 
 
@@ -120,7 +122,7 @@ def dense_quality(
     cfg: ShapesWorldConfig | None = None,
     num_scenes: int = 200,
     seed: int = 0,
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] = QUALITY_MODES,
     templates: str = "single",
     progress: bool = True,
 ) -> list[DenseQuality]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -23,7 +24,9 @@ from clipdense.clip.text import ClassEmbeddings, TextEmbedder, class_text_embedd
 from clipdense.config import EvalConfig, SegmenterConfig
 from clipdense.data.classnames import display_name
 from clipdense.data.datasets import fit_pixels, read_image_rgb
-from clipdense.inference.bands import reduce_in_bands, upsample_rows
+from clipdense.data.transforms import rescale_size
+from clipdense.inference.bands import Reduced, reduce_in_bands, upsample_rows
+from clipdense.inference.pamr import PAMR
 from clipdense.inference.sliding import predict_dense, predict_uncertainty, prepare_model, window_starts
 
 
@@ -99,6 +102,19 @@ class _ImageWindows:
     boxes: list[tuple[int, int, int, int]]  # y, x, h, w of each window in the resized image
     crops: list[torch.Tensor]  # 3 x h x w normalised windows, until encoded
     features: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = field(default_factory=list)
+    normalised: torch.Tensor | None = None  # 3 x h x w resized normalised image, kept for PAMR
+
+
+def resized_size(height: int, width: int, config: SegmenterConfig) -> tuple[int, int]:
+    """The (H, W) an image is resized to before inference (see ``SegmenterConfig.resize``)."""
+    if config.short_side is None:
+        return height, width
+    if config.resize == "mmcv":
+        return rescale_size(height, width, (config.long_max, config.short_side))
+    # torchvision's resize to a short side: the long side is truncated
+    if height <= width:
+        return config.short_side, int(config.short_side * width / height)
+    return int(config.short_side * height / width), config.short_side
 
 
 class OpenVocabPredictor:
@@ -116,8 +132,9 @@ class OpenVocabPredictor:
         self.encoder = dense_clip_encoder(clip.model.visual, self.config.mode).eval()
         self.text = text or TextEmbedder(clip, self.config.templates)
         self.device = next(clip.model.parameters()).device
-        self._mean = torch.tensor(clip.mean, device=self.device).view(3, 1, 1)
-        self._std = torch.tensor(clip.std, device=self.device).view(3, 1, 1)
+        mean, std = (clip.mean, clip.std) if self.config.normalize == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+        self._mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
+        self._std = torch.tensor(std, device=self.device).view(3, 1, 1)
         self._image: _ImageWindows | None = None
         self._classes: ClassEmbeddings | None = None
         self._background_index: int | None = None
@@ -126,9 +143,13 @@ class OpenVocabPredictor:
         """Reads, resizes and normalises an image and cuts its windows (features not yet computed)."""
         cfg = self.config
         img = read_image(image).to(self.device)
-        x = img.float().div_(255)
-        if cfg.short_side is not None:
-            x = TF.resize(x, [cfg.short_side], antialias=True)
+        size = resized_size(img.shape[1], img.shape[2], cfg)
+        if cfg.resize == "mmcv":  # cv2's bilinear resize of the uint8 image, as mmcv.imrescale does
+            x = TF.resize(img, list(size), antialias=False).float().div_(255)
+        else:
+            x = img.float().div_(255)
+            if size != x.shape[-2:]:
+                x = TF.resize(x, list(size), antialias=True)
         x = (x - self._mean) / self._std
         hr, wr = x.shape[-2:]
         if cfg.window is None:
@@ -139,8 +160,13 @@ class OpenVocabPredictor:
                 for y in window_starts(hr, cfg.window, cfg.stride)
                 for x0 in window_starts(wr, cfg.window, cfg.stride)
             ]
-        crops = [x[:, y : y + h, x0 : x0 + w] for y, x0, h, w in boxes]
-        return _ImageWindows((img.shape[1], img.shape[2]), (hr, wr), boxes, crops)
+        if cfg.patch_fit == "truncate":  # the patch convolution drops what does not fill a patch
+            p = self.encoder.stride
+            crops = [x[:, y : y + h // p * p, x0 : x0 + w // p * p] for y, x0, h, w in boxes]
+        else:
+            crops = [x[:, y : y + h, x0 : x0 + w] for y, x0, h, w in boxes]
+        kept = x if cfg.pamr_steps > 0 else None
+        return _ImageWindows((img.shape[1], img.shape[2]), (hr, wr), boxes, crops, normalised=kept)
 
     def _encode(self, images: list[_ImageWindows]) -> None:
         """Fills in the features of the windows of ``images``, ``window_batch`` windows of one size per pass."""
@@ -201,12 +227,14 @@ class OpenVocabPredictor:
                 yield from flush()
         yield from flush()
 
-    def set_classes(self, classes: Sequence[str]) -> list[str]:
+    def set_classes(self, classes: Sequence[str], background_index: int | None = None) -> list[str]:
         """Set the vocabulary. Entries may hold comma-separated synonyms (``"person, people"``).
 
         Args:
-            classes: C class entries. With ``background_threshold`` set and no ``background``
-                entry, ``"background"`` is prepended.
+            classes: C class entries. With ``background_threshold`` set and no background entry,
+                ``"background"`` is prepended.
+            background_index: The background entry, whatever its name (the official VOC lists spell it as
+                26 stuff words); default: the entry whose display name is ``background``, if any.
 
         Returns:
             The display names of the classes, in label order.
@@ -214,29 +242,50 @@ class OpenVocabPredictor:
         classes = list(classes)
         if not classes:
             raise ValueError("the class list is empty: name at least one class")
+        if background_index is not None and not 0 <= background_index < len(classes):
+            raise ValueError(f"background_index {background_index} is not an index of the {len(classes)} classes")
         names = [display_name(c).lower() for c in classes]
-        if self.config.background_threshold is not None and "background" not in names:
+        if background_index is None and "background" in names:
+            background_index = names.index("background")
+        if self.config.background_threshold is not None and background_index is None:
             classes = ["background", *classes]
-            names = ["background", *names]
-        self._background_index = names.index("background") if "background" in names else None
+            background_index = 0
+        self._background_index = background_index
         self._classes = self.text.encode_classes(classes)
         return self._classes.class_names
 
     def _window_scores(self, dense: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """1 x K x h x w refined scores of one window: K = classes, or synonyms under ``synonyms="max_prob"``."""
         cfg = self.config
-        scores = self._classes.scores(dense.unsqueeze(0).float())
+        features = dense.unsqueeze(0).float()
+        if cfg.synonyms == "max_prob":
+            scores = self._classes.similarities(features)
+        else:
+            scores = self._classes.scores(features)
         if cfg.prompt_denoise is not None:
             scores = prompt_denoise(scores, cfg.prompt_denoise)
         if cfg.key_smoothing is not None:
-            scores = key_smoothing(scores, keys.unsqueeze(0).float(), cfg.key_smoothing)
+            scores = key_smoothing(scores, keys.unsqueeze(0).float(), cfg.key_smoothing, cfg.key_norm)
         return scores
+
+    def _area_filter(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """SCLIP's area threshold: C keep-weights (0 for removed classes), or None if every class stays."""
+        counts = torch.bincount(labels.flatten(), minlength=self._classes.num_classes).float()
+        keep = torch.ones_like(counts)
+        foreground = torch.ones_like(counts, dtype=torch.bool)
+        if self._background_index is not None:
+            foreground[self._background_index] = False
+        total = counts[foreground].sum()
+        keep[foreground] = (counts[foreground] > self.config.area_threshold * total).float()
+        return None if bool(keep.all()) else keep.to(self.device)
 
     @torch.inference_mode()
     def predict(self, probs: bool = False, entropy: bool = False) -> Segmentation:
         """Segment the current image into the current classes.
 
-        The class scores are upsampled to the image and reduced a band of rows at a time
-        (:func:`~clipdense.inference.bands.reduce_in_bands`), so memory does not grow with classes x pixels.
+        The window scores are averaged, upsampled to the image and reduced a band of rows at a time
+        (:func:`~clipdense.inference.bands.reduce_in_bands`), so memory does not grow with classes x pixels
+        (except with PAMR, which refines the full-resolution scores).
 
         Args:
             probs: Also return the C x H x W probabilities.
@@ -250,25 +299,52 @@ class OpenVocabPredictor:
             raise RuntimeError("call set_image() before predict()")
         if self._classes is None:
             raise RuntimeError("call set_classes() before predict()")
+        cfg = self.config
+        classes = self._classes
         hr, wr = image.resized
-        total = torch.zeros(1, self._classes.num_classes, hr, wr, device=self.device)
-        count = torch.zeros(1, 1, hr, wr, device=self.device)
+        total = count = None
         for (y, x0, h, w), (dense, keys, padded) in zip(image.boxes, image.features, strict=True):
             scores = self._window_scores(dense, keys)
-            scores = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
+            if cfg.patch_fit == "pad":
+                scores = F.interpolate(scores, size=padded, mode="bilinear", align_corners=False)[..., :h, :w]
+            else:  # the scores' grid stretched over the window
+                scores = F.interpolate(scores, size=(h, w), mode="bilinear", align_corners=False)
+            if total is None:
+                total = torch.zeros(1, scores.shape[1], hr, wr, device=self.device)
+                count = torch.zeros(1, 1, hr, wr, device=self.device)
             total[..., y : y + h, x0 : x0 + w] += scores
             count[..., y : y + h, x0 : x0 + w] += 1
-        scores = (total / count) * self.config.logit_scale
+        scores = total / count
+        # key-smoothed outputs are probabilities: mmseg takes their softmax unscaled
+        scale = 1.0 if cfg.key_smoothing is not None else cfg.logit_scale
+        if cfg.pamr_steps > 0:
+            full = F.interpolate(scores, size=image.size, mode="bilinear", align_corners=False)
+            guide = F.interpolate(image.normalised[None], size=image.size, mode="bilinear", align_corners=False)
+            full = PAMR(cfg.pamr_steps, cfg.pamr_dilations)(guide, full)[0]
+            rows = lambda start, stop: full[:, start:stop]  # noqa: E731
+        else:
+            rows = lambda start, stop: upsample_rows(scores, image.size, start, stop)[0]  # noqa: E731
+        keep = None
 
         def band_probs(start: int, stop: int) -> torch.Tensor:
-            return F.softmax(upsample_rows(scores, image.size, start, stop)[0], dim=0)
+            p = F.softmax(rows(start, stop) * scale, dim=0)
+            if p.shape[0] != classes.num_classes:  # synonyms: softmax over all of them, then the max per class
+                p = classes.reduce_synonyms(p[None])[0]
+            return p if keep is None else p * keep[:, None, None]
 
-        out = reduce_in_bands(
-            band_probs, image.size, self._classes.num_classes, entropy=entropy, keep_probs=probs, device="cpu"
-        )
-        if self.config.background_threshold is not None:
-            out.labels[out.confidence < self.config.background_threshold] = self._background_index
-        return Segmentation(out.labels, out.probs, list(self._classes.class_names), out.confidence, out.entropy)
+        def reduce() -> Reduced:
+            return reduce_in_bands(
+                band_probs, image.size, classes.num_classes, entropy=entropy, keep_probs=probs, device="cpu"
+            )
+
+        out = reduce()
+        if cfg.area_threshold is not None:
+            keep = self._area_filter(out.labels)
+            if keep is not None:
+                out = reduce()
+        if cfg.background_threshold is not None:
+            out.labels[out.confidence < cfg.background_threshold] = self._background_index
+        return Segmentation(out.labels, out.probs, list(classes.class_names), out.confidence, out.entropy)
 
     def __call__(self, image, classes: Sequence[str] | None = None, **outputs: bool) -> Segmentation:
         """Shortcut: set the image (and classes, if given) and predict (``outputs``: :meth:`predict`'s flags)."""

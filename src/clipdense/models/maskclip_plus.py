@@ -49,13 +49,17 @@ HEADS: tuple[str, ...] = ("deeplabv2", "deeplabv3plus")
 GUIDE_SCALE = 100.0  # MaskCLIP's softmax temperature for its cosine scores (refinements, confidence).
 
 
+def _to_probs(scores: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return scores if scale is None else F.softmax(scale * scores, dim=1)
+
+
 def pseudo_labels(
     scores: torch.Tensor,
     labels: torch.Tensor | None,
     unseen: Sequence[int] | set[int],
     mode: str = "zeroshot",
     confidence_threshold: float = 0.0,
-    scale: float = GUIDE_SCALE,
+    scale: float | None = GUIDE_SCALE,
     ignore_index: int = 255,
 ) -> torch.Tensor:
     """MaskCLIP+ pseudo-labels from class scores (the guide's cosines or the model's own logits).
@@ -68,8 +72,10 @@ def pseudo_labels(
         mode: ``"zeroshot"`` or ``"annotation_free"``.
         confidence_threshold: Pseudo-labelled pixels whose max of softmax(scale * scores) (over the
             candidate classes: unseen ones in ``zeroshot``, all in ``annotation_free``) is below it become
-            ``ignore_index``. 0 disables.
-        scale: Softmax temperature for the confidence (100 for MaskCLIP cosines, 1 for logits).
+            ``ignore_index``. 0 disables (as every official config does).
+        scale: Softmax temperature for the confidence (100 for MaskCLIP cosines, 1 for logits); None: the scores
+            are already probabilities (the guide's key-smoothed output) and their max is the confidence, as in
+            the official ``conf_thresh``.
         ignore_index: The ignore label.
 
     Returns:
@@ -82,7 +88,7 @@ def pseudo_labels(
         scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
     scores = scores.float()
     if mode == "annotation_free":
-        conf, target = F.softmax(scale * scores, dim=1).max(dim=1)
+        conf, target = _to_probs(scores, scale).max(dim=1)
         pseudo = torch.ones_like(target, dtype=torch.bool) if labels is None else labels != ignore_index
         target = torch.where(pseudo, target, torch.full_like(target, ignore_index))
     else:
@@ -92,7 +98,7 @@ def pseudo_labels(
         unseen_idx = torch.as_tensor(sorted(unseen), dtype=torch.long, device=scores.device)
         if unseen_idx.numel() == 0:
             return target
-        conf, arg = F.softmax(scale * scores.index_select(1, unseen_idx), dim=1).max(dim=1)
+        conf, arg = _to_probs(scores.index_select(1, unseen_idx), scale).max(dim=1)
         pseudo = torch.isin(target, unseen_idx)
         target = torch.where(pseudo, unseen_idx[arg], target)
     if confidence_threshold > 0:
@@ -219,17 +225,27 @@ class MaskCLIPGuide(nn.Module):
 
     Args:
         encoder: A dense CLIP encoder (``dense_clip_encoder(visual, "maskclip")``) returning DenseFeatures.
-        key_smoothing: Threshold of MaskCLIP key smoothing (0 disables).
-        prompt_denoise: Threshold of MaskCLIP prompt denoising (0 disables).
+        key_smoothing: Threshold of MaskCLIP key smoothing (0 disables; the official annotation-free configs
+            use 1.0).
+        prompt_denoise: Threshold of MaskCLIP prompt denoising (0 disables; official: 0.5).
+        key_norm: Key normalisation of key smoothing (see :func:`~clipdense.clip.refine.key_smoothing`).
     """
 
-    def __init__(self, encoder: nn.Module, key_smoothing: float = 0.0, prompt_denoise: float = 0.0) -> None:
+    def __init__(
+        self, encoder: nn.Module, key_smoothing: float = 0.0, prompt_denoise: float = 0.0, key_norm: str = "official"
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.key_smoothing = key_smoothing
         self.prompt_denoise = prompt_denoise
+        self.key_norm = key_norm
         self.requires_grad_(False)
         self.eval()
+
+    @property
+    def returns_probs(self) -> bool:
+        """Whether :meth:`forward` returns probabilities (key smoothing on) rather than cosine scores."""
+        return self.key_smoothing > 0
 
     def train(self, mode: bool = True) -> MaskCLIPGuide:
         """Always stays in eval mode (frozen BatchNorm statistics)."""
@@ -242,14 +258,15 @@ class MaskCLIPGuide(nn.Module):
             text: C x D l2-normalised class embeddings.
 
         Returns:
-            B x C x h x w cosine scores (after the refinements), h = H / the encoder stride.
+            B x C x h x w refined outputs, h = H / the encoder stride: cosine scores (-100 for classes prompt
+            denoising drops), or with key smoothing the (smoothed) probabilities, as the official head returns.
         """
         feats = self.encoder(images)
         scores = torch.einsum("bdhw,cd->bchw", F.normalize(feats.dense.float(), dim=1), text.float())
         if self.prompt_denoise > 0:
             scores = prompt_denoise(scores, self.prompt_denoise)
         if self.key_smoothing > 0:
-            scores = key_smoothing(scores, feats.keys.float(), self.key_smoothing)
+            scores = key_smoothing(scores, feats.keys.float(), self.key_smoothing, self.key_norm)
         return scores
 
 
@@ -397,7 +414,7 @@ class MaskCLIPPlus(nn.Module):
         if self.protocol == "zeroshot" and self._self_training(int(outputs["step"])):
             scores, scale = outputs["logits"].detach(), 1.0
         else:
-            scores, scale = outputs["guide_scores"], GUIDE_SCALE
+            scores, scale = outputs["guide_scores"], None if self.guide.returns_probs else GUIDE_SCALE
         return pseudo_labels(
             scores, labels, self.unseen, self.protocol, self.confidence_threshold, scale, self.ignore_index
         )
@@ -436,6 +453,7 @@ def build_maskclip_plus(
     total_iters: int = 20000,
     key_smoothing: float = 0.0,
     prompt_denoise: float = 0.0,
+    key_norm: str = "official",
     templates: str | Sequence[str] = "ensemble",
     tau: float = 0.07,
     learn_tau: bool = False,
@@ -453,7 +471,9 @@ def build_maskclip_plus(
         unseen_classes: Unseen class names, or a shipped split name (``"voc"``, ``"context"``, ``"cocostuff"``).
         protocol: ``"zeroshot"`` or ``"annotation_free"``.
         confidence_threshold, self_train_from, total_iters, tau, learn_tau: See :class:`MaskCLIPPlus`.
-        key_smoothing, prompt_denoise: MaskCLIP refinement thresholds of the guide (0 disables).
+        key_smoothing, prompt_denoise: MaskCLIP refinement thresholds of the guide (0 disables). The official
+            annotation-free configs use neither with RN50 and key smoothing 1.0 / prompt denoising 0.5 with ViT-B/16.
+        key_norm: Key normalisation of the guide's key smoothing (``official`` or ``cosine``).
         templates: Prompt templates of the text embeddings.
         head_channels: Width of the DeepLabv3+ decoder.
         from_checkpoint: Every weight, the ``text_embeddings`` classifier included, is loaded right after the
@@ -496,7 +516,7 @@ def build_maskclip_plus(
     maskclip = None
     if guide == "maskclip":
         encoder = dense_clip_encoder(loaded.model.visual, "maskclip")
-        maskclip = MaskCLIPGuide(encoder, key_smoothing=key_smoothing, prompt_denoise=prompt_denoise)
+        maskclip = MaskCLIPGuide(encoder, key_smoothing, prompt_denoise, key_norm)
     return MaskCLIPPlus(
         body,
         decoder,
