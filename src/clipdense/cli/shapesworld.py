@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipdense.cli.common import OFFLINE_MODEL, add_device_arg, write_json, write_png
+from clipdense.cli.common import OFFLINE_MODEL, CLIError, add_device_arg, write_json, write_png
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``demo`` and the ``shapesworld`` group (``generate``, ``train``, ``evaluate``)."""
+    """Add ``demo`` and the ``shapesworld`` group (``generate``, ``train``, ``report``, ``evaluate``)."""
     from clipdense.config import MODES
 
     p = sub.add_parser("demo", help="segment a rendered ShapesWorld scene with the ShapesWorld CLIP")
@@ -39,6 +39,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sw.add_parser("train", help="contrastive CLIP training on ShapesWorld (see its --help)")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_shapesworld_train)
+    p = sw.add_parser("report", help="measure the papers' claims in ShapesWorld (about 90 min on 2 CPU cores)")
+    p.add_argument("--out", default="report", help="output folder: data, runs, report.md and report.json (default: "
+                   "%(default)s; finished runs in it are reused, so an interrupted report resumes)")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a smoke-test size (about 10 minutes), one seed")
+    p.add_argument("--claims", nargs="+", default=None, metavar="NAME",
+                   help="run only these: denseclip ppl maskclip_plus training_free detection robustness")  # fmt: skip
+    p.add_argument("--configs", default=None, help="the configs/shapesworld folder (default: the checkout's)")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_shapesworld_report)
     p = sw.add_parser("evaluate", help="zero-shot accuracy and training-free mIoU of each dense mode")
     p.add_argument("--scenes", type=int, default=200)
     p.add_argument("--images", type=int, default=560, help="single-object images for zero-shot accuracy")
@@ -128,3 +137,16 @@ def cmd_shapesworld_evaluate(args: argparse.Namespace) -> None:
     }
     if args.out:
         write_json(Path(args.out), payload)
+
+
+def cmd_shapesworld_report(args: argparse.Namespace) -> None:
+    """Runs the claims' experiments; prints report.md and where the report was written."""
+    from clipdense.training.claims import CLAIMS, QUICK, ReportBudget, run_report
+
+    unknown = sorted(set(args.claims or ()) - set(CLAIMS))
+    if unknown:
+        raise CLIError(f"--claims: unknown {', '.join(unknown)}; choose from {', '.join(CLAIMS)}")
+    out = Path(args.out)
+    payload = run_report(out, QUICK if args.quick else ReportBudget(), args.configs, args.device, args.claims)
+    print((out / "report.md").read_text(), end="")
+    print(f"saved {out / 'report.md'} and {out / 'report.json'} ({payload['wall_s']:.0f} s)")
