@@ -6,7 +6,12 @@ import pytest
 
 from clipdense.config import ExperimentConfig, load_config, parse_overrides, save_config
 
-CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml") if not p.name.startswith("_"))
+# configs/fewshot holds few-shot configs (their own schema; tests/cli/test_fewshot_cli.py parses them)
+CONFIGS = sorted(
+    p
+    for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml")
+    if not p.name.startswith("_") and "fewshot" not in p.parts
+)
 
 
 def test_defaults_are_the_paper_recipe():

@@ -145,3 +145,33 @@ def detection_overrides(root, run_dir, model="denseclip_retinanet_rn50", iters=2
         **extra,
     }
     return [f"{k}={v}" for k, v in base.items()]
+
+
+TINY_PPL = {"n_samples": 3, "prob_decoder_width": 32, "prob_decoder_layers": 1}
+
+
+def write_tiny_run(run_dir, model="denseclip_fpn_rn50", class_names=("red thing", "green thing", "blue thing"),
+                   model_overrides=None, step=3):  # fmt: skip
+    """A run directory as `clipdense train` leaves it (resolved config + one checkpoint) with a tiny random-weight
+    model, written in a second instead of trained: for tests of what reads runs (export, the app, predictors)."""
+    import torch
+
+    from clipdense.config import load_config, save_config
+    from clipdense.models.registry import create_model
+    from clipdense.runs import save_checkpoint
+
+    detector = "retinanet" in model or "maskrcnn" in model
+    options = model_overrides
+    if options is None:
+        options = TINY_DETECTOR if detector else {"clip_model": "tiny-RN"}
+        if model.startswith("ppl_"):  # fewer, narrower Monte-Carlo decoder passes
+            options = {**options, **TINY_PPL}
+    write = detection_overrides if detector else tiny_overrides
+    cfg = load_config(None, write("data", run_dir, model=model, model_overrides=options))
+    cfg.model.class_names = list(class_names)
+    torch.manual_seed(0)
+    net = create_model(model, class_names=list(class_names), pretrained=None, **cfg.model.overrides)
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    save_checkpoint(run_dir, net, {"step": step}, step)
+    return run_dir

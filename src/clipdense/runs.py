@@ -11,7 +11,8 @@ A run directory written by ``clipdense train`` looks like::
                 model.safetensors       every weight of the model (CLIP's included)
                 state.pt                optimiser, scheduler, scaler, RNG, step
 
-Training writes it; evaluation, inference and the CLI read it through :func:`build_from_run`, and
+Training writes it; evaluation, inference and the CLI read it through :func:`build_from_run` (which also takes
+an exported model folder or ``hf-hub:org/name``, :mod:`clipdense.hub`; :func:`export_run` writes one), and
 :func:`build_eval_dataset` gives the validation data its config names.
 """
 
@@ -33,6 +34,14 @@ from clipdense.checkpoints import load_state_dict_strict, skip_init
 from clipdense.config import ExperimentConfig, load_config
 from clipdense.data.datasets import DETECTION_DATASET, build_dataset
 from clipdense.fileio import atomic_write
+from clipdense.hub import (
+    ExportedModel,
+    export_folder,
+    is_exported_folder,
+    is_hub_id,
+    read_eval_reports,
+    resolve_exported,
+)
 from clipdense.models.registry import checkpoint_options, create_model
 
 CHECKPOINTS = "checkpoints"
@@ -152,25 +161,71 @@ def build_architecture(cfg: ExperimentConfig, class_names: list[str] | None = No
 
 
 def build_from_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
-    """Rebuild a trained model from its run directory (resolved config + latest weights)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"{run_dir} is not a run directory (no config.yaml); pass the folder `clipdense train` wrote"
-        )
-    cfg = load_config(run_dir / "config.yaml")
-    folder = latest_checkpoint(run_dir)
-    if folder is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
+    """Rebuild a trained model from its run directory (resolved config + latest weights), from an exported
+    model folder (:func:`export_run`) or from ``hf-hub:org/name`` (:mod:`clipdense.hub`; checksums checked)."""
+    exported = resolve_exported(run_dir)
+    if exported is not None:
+        config_file, weights = exported.config, exported.weights
+    else:
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"{run_dir} is not a run directory (no config.yaml); pass the folder `clipdense train` wrote, an "
+                "exported model folder or hf-hub:ORG/NAME"
+            )
+        folder = latest_checkpoint(run_dir)
+        if folder is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
+        config_file, weights = run_dir / "config.yaml", folder / "model.safetensors"
+    cfg = load_config(config_file)
     # The checkpoint holds every weight, CLIP's included: build without loading CLIP weights or computing a random
     # initialisation (load_weights is strict: it overwrites every parameter and persistent buffer), then load all.
     with skip_init():
         model = build_architecture(cfg)
-    load_weights(model, folder / "model.safetensors")
+    load_weights(model, weights)
     model = model.to(device).eval()
     if getattr(model, "text_encoder", None) is not None and getattr(model, "prompting", None) != "pre":
         model.cache_text_embeddings()  # fixed after training: inference runs no text encoder
     return model, cfg
+
+
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, repo_id: str | None = None, overwrite: bool = False
+) -> ExportedModel:
+    """Write a run's latest checkpoint as a Hugging Face Hub model folder (:mod:`clipdense.hub`): the weights,
+    the resolved config, the class names, a model card with the metrics of the run's ``eval_*.json`` reports,
+    and a manifest of SHA-256 checksums. :func:`build_from_run` loads the folder back.
+
+    Args:
+        run_dir: A ``clipdense train`` run directory.
+        out_dir: The folder to write (empty or absent, unless ``overwrite``).
+        repo_id: The Hub repository it is meant for (``org/name``), named in the card's usage lines.
+        overwrite: Replace the files of a non-empty ``out_dir``.
+
+    Raises:
+        FileNotFoundError: Not a run directory, or it has no complete checkpoint.
+    """
+    if is_hub_id(run_dir) or is_exported_folder(run_dir):
+        raise ValueError(f"{run_dir} is already an exported model: push or copy it as it is")
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); pass a `clipdense train` run")
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
+    cfg = load_config(run_dir / "config.yaml")
+    step = int(folder.name.removeprefix("step_")) if folder.name.removeprefix("step_").isdigit() else None
+    return export_folder(
+        out_dir,
+        weights=folder / "model.safetensors",
+        config=run_dir / "config.yaml",
+        cfg=cfg,
+        task="detection" if is_detection(cfg) else "segmentation",
+        step=step,
+        metrics=read_eval_reports(run_dir),
+        repo_id=repo_id,
+        overwrite=overwrite,
+    )
 
 
 def is_detection(cfg: ExperimentConfig) -> bool:

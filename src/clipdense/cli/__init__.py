@@ -7,8 +7,12 @@ module             commands                                            library
 ``zeroshot``       ``eval-zeroshot``, ``robustness``                   ``clipdense.evaluation``
 ``train``          ``train``, ``eval``, ``flops``                      ``clipdense.training``,
                                                                        ``clipdense.evaluation``
+``fewshot``        ``fewshot train|eval|grid``, ``classify``           ``clipdense.training``,
+                                                                       ``clipdense.evaluation``
 ``datasets``       ``check-dataset``                                   ``clipdense.data``
 ``shapesworld``    ``demo``, ``shapesworld generate|train|evaluate``   ``clipdense.evaluation``
+``hub``            ``export``, ``push``                                ``clipdense.runs``, ``clipdense.hub``
+``app``            ``app`` (Gradio web demo)                           ``clipdense.inference``
 ``common``         shared flags, input checks, file writing
 =================  ==================================================  =======================
 
@@ -27,7 +31,7 @@ import traceback
 from collections.abc import Sequence
 
 from clipdense import __version__
-from clipdense.cli import datasets, segment, shapesworld, train, zeroshot
+from clipdense.cli import app, datasets, fewshot, hub, segment, shapesworld, train, zeroshot
 from clipdense.cli.common import CLIError, Parser, check_device
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -39,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details; tracebacks of errors")
     parser.add_argument("--version", action="version", version=f"clipdense {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (segment, zeroshot, train, datasets, shapesworld):  # the order of `clipdense --help`
+    for group in (segment, zeroshot, train, fewshot, hub, datasets, shapesworld, app):  # `clipdense --help` order
         group.add_parsers(sub)
     return parser
 

@@ -36,7 +36,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", help="comma-separated classes ('cat, grass, sky'); ';' separates classes with synonyms")
     p.add_argument("--classes-file", help="text file, one class per line (comma-separated synonyms)")
     p.add_argument("--out", default="outputs", help="output folder")
-    p.add_argument("--checkpoint", default=None, help="a `clipdense train` run directory (trained model)")
+    p.add_argument("--checkpoint", default=None, help="a trained model: a `clipdense train` run directory, an exported "
+                   "folder or hf-hub:ORG/NAME")  # fmt: skip
     p.add_argument("--uncertainty", action="store_true", help="PPL checkpoints: also write <name>_uncertainty.png")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="--checkpoint runs: autocast precision of inference (default: the run's eval.precision, fp32; "
@@ -47,7 +48,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("detect", help="detect objects with a trained detector: boxes (and masks) with class names")
     p.add_argument("images", nargs="+", help="image files, or folders of them")
-    p.add_argument("--checkpoint", required=True, help="a `clipdense train` detection run directory")
+    p.add_argument("--checkpoint", required=True, help="a detection run directory, an exported folder or "
+                   "hf-hub:ORG/NAME")  # fmt: skip
     p.add_argument("--score-threshold", type=fraction, default=0.3, help="keep detections scoring at least this")
     p.add_argument("--out", default="outputs", help="output folder")
     add_max_pixels_arg(p)

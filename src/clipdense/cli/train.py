@@ -17,7 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run (mIoU; detectors: COCO box/mask AP)")
-    p.add_argument("checkpoint", help="run directory written by `clipdense train`")
+    p.add_argument("checkpoint", help="a `clipdense train` run directory, an exported folder or hf-hub:ORG/NAME")
     p.add_argument("--dataset", default=None, help="dataset name (default: the training config's)")
     p.add_argument("--root", default=None, help="dataset folder (default: the training config's)")
     p.add_argument("--split", default=None, help="split (default: the training config's data.val_split)")
@@ -61,6 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.out is not None:
         check_output(args.out, folder=False)
+    hub_id = args.checkpoint.startswith("hf-hub:")
     result = evaluate_run(
         args.checkpoint,
         args.device,
@@ -72,10 +73,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         flip=args.flip,
         aug=args.aug,
         limit=args.limit,
-        save_detections=True,
+        save_detections=not hub_id,
     )
     print(result.format())
-    out = Path(args.out or result.default_path)
+    # an hf-hub: model's report goes to the working directory, not into the Hugging Face cache
+    out = Path(args.out or (result.default_path.name if hub_id else result.default_path))
     write_json(out, result.to_dict(), default=list)
     detections = f" (detections in COCO results format: {result.detections_path})" if result.detections_path else ""
     print(f"saved {out}{detections}")

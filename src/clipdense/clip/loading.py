@@ -28,6 +28,7 @@ from huggingface_hub import try_to_load_from_cache
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from clipdense.checkpoints import skip_init, state_dict_mismatch
+from clipdense.fileio import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -209,15 +210,6 @@ def _quiet_root_logger():
 
 def _fingerprint(*parts: object) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _verified_packaged_file(name: str, tag: str, packaged: PackagedWeights) -> Path:

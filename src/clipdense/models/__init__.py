@@ -2,8 +2,9 @@
 network I/O here.
 
 Each family builds and registers itself (``@register_model``) in its own module: ``segmentors.py``
-(DenseCLIP, CLIP + FPN), ``ppl.py``, ``maskclip_plus.py`` and ``detectors.py``. Importing this package
-imports them all, so :func:`create_model` and :func:`list_models` see every registered name.
+(DenseCLIP, CLIP + FPN), ``ppl.py``, ``maskclip_plus.py``, ``detectors.py`` and ``fewshot.py`` (CoOp,
+PLOT). Importing this package imports them all, so :func:`create_model` and :func:`list_models` see every
+registered name.
 ``flops.py`` counts parameters and FLOPs as the papers' tables do.
 """
 
@@ -11,6 +12,7 @@ imports them all, so :func:`create_model` and :func:`list_models` see every regi
 from clipdense.models.backbones import AttentionPool, CLIPResNetBackbone, CLIPViTBackbone, TimmBackbone
 from clipdense.models.decoders import FPN, FPNHead, UperNetHead
 from clipdense.models.detectors import CLIPDetector, GuidedFPN
+from clipdense.models.fewshot import PLOT, CoOp, PromptLearner
 from clipdense.models.flops import count_flops, count_parameters
 from clipdense.models.guidance import LanguageGuidance
 from clipdense.models.maskclip_plus import (
@@ -34,6 +36,7 @@ __all__ = [
     "CLIPDetector",
     "CLIPFPNSegmentor",
     "CLIPResNetBackbone",
+    "CoOp",
     "CLIPViTBackbone",
     "ContextDecoder",
     "ContextTextEncoder",
@@ -44,11 +47,13 @@ __all__ = [
     "FrozenCLIPTextEncoder",
     "GuidedFPN",
     "LanguageGuidance",
+    "PLOT",
     "MaskCLIPGuide",
     "MaskCLIPPlus",
     "PPLGuidance",
     "PPLSegmentor",
     "PreModelPrompter",
+    "PromptLearner",
     "ProbabilisticDecoder",
     "TimmBackbone",
     "UperNetHead",

@@ -1,0 +1,132 @@
+"""PLOT vs CoOp: training-step and inference time on the same batch and device (target: PLOT <= 1.10x CoOp).
+
+Usage:
+    python benchmarks/fewshot_speed.py [--classes 10 100] [--batch 8] [--device cpu] [--repeats 5]
+
+RN50-sized random weights (open_clip ``RN50``, ``pretrained=None``: timing does not depend on the weights), 224 px.
+A training step is forward + cross-entropy + backward + SGD step (CoOp: C prompts through the text encoder; PLOT:
+4 x C prompts, the dense attention pool and the Sinkhorn plans); inference runs with the text features cached (both
+methods' text side is constant after training). CoOp and PLOT are timed alternately in one process, so that load
+on the machine hits both alike; peak memory is measured in a separate process per method (peak resident memory on
+CPU, peak allocated memory on CUDA) over one training step and one inference. Times are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _setup(method: str, classes: int, batch: int, device: str):
+    import torch
+    import torch.nn.functional as F
+
+    from clipdense.models import create_model
+
+    torch.manual_seed(0)
+    names = [f"class number {i}" for i in range(classes)]
+    model = create_model(f"{method}_rn50", class_names=names, pretrained=None, clip_model="RN50").to(device)
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    opt = torch.optim.SGD([model.prompt_learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
+
+    def train_step():
+        model.train()
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def inference():
+        model.eval()
+        if model.text_cache is None:
+            model.cache_text_features()
+        with torch.no_grad():
+            model(images)
+
+    return train_step, inference
+
+
+def _timed(fn, device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t)
+
+
+def measure_pair(classes: int, batch: int, device: str, repeats: int) -> list[dict]:
+    """CoOp and PLOT timed alternately in one process, so that load changes on the machine hit both alike."""
+    fns = {m: _setup(m, classes, batch, device) for m in ("coop", "plot")}
+    times = {(m, k): [] for m in fns for k in ("train", "infer")}
+    for i in range(repeats + 1):  # the first round warms up
+        for kind, pos in (("train", 0), ("infer", 1)):
+            for m in fns:
+                ms = _timed(fns[m][pos], device)
+                if i:
+                    times[(m, kind)].append(ms)
+    med = statistics.median
+    return [
+        {"method": m, "classes": classes, "train_ms": med(times[(m, "train")]), "infer_ms": med(times[(m, "infer")])}
+        for m in fns
+    ]
+
+
+def peak_memory(method: str, classes: int, batch: int, device: str) -> float:
+    """MiB: peak allocated CUDA memory, or this process's peak resident memory, over one train step + inference."""
+    import resource
+
+    import torch
+
+    train_step, inference = _setup(method, classes, batch, device)
+    train_step()
+    inference()
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--classes", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--memory", nargs=2, metavar=("METHOD", "CLASSES"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.memory:
+        print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]), args.batch, args.device)))
+        return
+    rows = []
+    for classes in args.classes:
+        for row in measure_pair(classes, args.batch, args.device, args.repeats):
+            cmd = [sys.executable, __file__, "--memory", row["method"], str(classes), "--batch", str(args.batch),
+                   "--device", args.device]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append({**row, "peak_mib": json.loads(out.strip().splitlines()[-1])})
+    print(f"RN50 (random weights), 224 px, batch {args.batch}, device {args.device}, median of {args.repeats}")
+    print("| method | classes | train step ms | inference ms | train ratio | inference ratio | peak memory MiB |")
+    print("|---|---|---|---|---|---|---|")
+    base = {r["classes"]: r for r in rows if r["method"] == "coop"}
+    for r in rows:
+        b = base[r["classes"]]
+        ratios = f"{r['train_ms'] / b['train_ms']:.2f}x | {r['infer_ms'] / b['infer_ms']:.2f}x"
+        times = f"{r['train_ms']:.0f} | {r['infer_ms']:.0f}"
+        print(f"| {r['method']} | {r['classes']} | {times} | {ratios} | {r['peak_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""``clipdense fewshot train | eval | grid`` and ``clipdense classify``: few-shot prompt learning (CoOp, PLOT).
+
+``fewshot train`` follows ``clipdense train``: a run directory with the resolved config and atomic checkpoints,
+``--resume``, a progress bar, Ctrl-C stopping at a step boundary with exit status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from clipdense.cli.common import CLIError, add_device_arg, check_output, positive_int, write_json
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add the ``fewshot`` group (``train``, ``eval``, ``grid``) and ``classify``."""
+    fs = sub.add_parser("fewshot", help="few-shot classification by prompt learning (CoOp, PLOT)").add_subparsers(
+        dest="fewshot_command", required=True
+    )
+    p = fs.add_parser("train", help="learn prompts on a k-shot split from a YAML config (configs/fewshot/)")
+    p.add_argument("config", help="YAML config (see configs/fewshot/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.shots=4 train.seed=2")
+    p.add_argument("--resume", action="store_true", help="continue the run directory's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = fs.add_parser("eval", help="top-1 and per-class accuracy of a trained run on its dataset's test split")
+    p.add_argument("run", help="run directory written by `clipdense fewshot train`")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="test split, or the run's k-shot val")
+    p.add_argument("--root", default=None, help="$DATA (default: the run's data.root)")
+    p.add_argument("--out", default=None, help="JSON report (default: RUN/eval_<split>.json)")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = fs.add_parser("grid", help="zero-shot vs each config at several shots and seeds: a markdown table")
+    p.add_argument("configs", nargs="+", help="method configs on one dataset (e.g. configs/fewshot/shapesworld_*)")
+    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--no-zeroshot", action="store_true", help="leave out the zero-shot CLIP column")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
+    p.add_argument("--out", default="runs/fewshot_grid", help="runs and table.md/table.json go here; finished "
+                   "runs in it are reused")  # fmt: skip
+    add_device_arg(p)
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("classify", help="classify images with a trained few-shot run (CoOp/PLOT)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", required=True, help="run directory written by `clipdense fewshot train`")
+    p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image")
+    p.add_argument("--out", default=None, help="also write the results as JSON")
+    add_device_arg(p)
+    p.set_defaults(func=cmd_classify)
+
+
+def _load_config(path: str, overrides: list[str]):
+    from clipdense.inference.fewshot import load_fewshot_config
+
+    if not Path(path).is_file():
+        raise CLIError(f"config file not found: {path}")
+    return load_fewshot_config(path, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Exit status 0 when the run finished, 3 when it stopped early (resumable)."""
+    from clipdense.training.fewshot import train_fewshot
+
+    cfg = _load_config(args.config, args.overrides)
+    check_output(cfg.resolved_run_dir(), folder=True, flag="run_dir")
+    result = train_fewshot(cfg, resume=args.resume)
+    if result["finished"]:
+        print(f"done: {result['step']} steps, run directory {result['run_dir']}")
+    return 0 if result["finished"] else 3
+
+
+def _check_run(run: str) -> Path:
+    path = Path(run)
+    if not (path / "config.yaml").is_file():
+        raise CLIError(
+            f"{run} is not a run directory (no config.yaml): pass the folder `clipdense fewshot train` wrote"
+        )
+    return path
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Prints the report and writes it as JSON."""
+    from clipdense.evaluation.fewshot import evaluate_fewshot_run
+
+    run = _check_run(args.run)
+    out = check_output(args.out, folder=False) if args.out else run / f"eval_{args.split}.json"
+    report = evaluate_fewshot_run(run, args.device, split=args.split, root=args.root)
+    print(report.format())
+    write_json(out, report.to_dict())
+    print(f"saved {out}")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    """Prints the top-k classes of every image."""
+    from PIL import Image
+
+    from clipdense.inference.fewshot import classify, load_fewshot_run
+
+    run = _check_run(args.checkpoint)
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise CLIError(f"image not found: {missing[0]}")
+    if args.out:
+        check_output(args.out, folder=False)
+    model, _ = load_fewshot_run(run, args.device)
+    images = []
+    for p in args.images:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        except OSError as e:
+            raise OSError(f"cannot read image {p}: {e}") from e
+    results = classify(model, images, top_k=args.top_k)
+    for path, r in zip(args.images, results, strict=True):
+        print(f"{path}: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in zip(r.names, r.probs, strict=True)))
+    if args.out:
+        rows = [{"image": p, "labels": r.labels, "classes": r.names, "probs": r.probs}
+                for p, r in zip(args.images, results, strict=True)]  # fmt: skip
+        write_json(Path(args.out), rows)
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    """Train and evaluate every (config, shots, seed); prints and writes a markdown table of mean ± std top-1."""
+    import json
+
+    from clipdense.evaluation.fewshot import evaluate_fewshot_run, evaluate_zeroshot
+    from clipdense.training.fewshot import prepare_splits, train_fewshot
+
+    out = check_output(args.out, folder=True)
+    device = "cpu" if args.device is None else args.device
+    cfgs = [_load_config(c, [*args.set, f"train.device={device}"]) for c in args.configs]
+    if len({(c.data.dataset, c.data.root) for c in cfgs}) != 1:
+        raise CLIError("the configs of a grid must name one dataset (data.dataset and data.root)")
+    results: dict[str, dict[int, list[float]]] = {}
+    if not args.no_zeroshot:
+        prepare_splits(cfgs[0])
+        top1 = evaluate_zeroshot(cfgs[0], device, progress=False).top1
+        results["zero-shot CLIP"] = {k: [top1] for k in args.shots}
+        print(f"zero-shot: {top1:.2f}")
+    for path, base in zip(args.configs, cfgs, strict=True):
+        row = results.setdefault(base.name, {})
+        for k in args.shots:
+            for seed in args.seeds:
+                run = out / base.name / f"{k}shot_seed{seed}"
+                report_path = run / "eval_test.json"
+                if not report_path.is_file():
+                    sets = [
+                        *args.set,
+                        f"data.shots={k}",
+                        f"train.seed={seed}",
+                        f"run_dir={run}",
+                        f"train.device={device}",
+                    ]
+                    cfg = _load_config(path, sets)
+                    result = train_fewshot(cfg, resume=(run / "checkpoints").is_dir(), progress=False)
+                    if not result["finished"]:
+                        raise KeyboardInterrupt
+                    write_json(report_path, evaluate_fewshot_run(run, device, progress=False).to_dict())
+                top1 = json.loads(report_path.read_text())["top1"]
+                row.setdefault(k, []).append(top1)
+                print(f"{base.name} {k}-shot seed {seed}: {top1:.2f}")
+    header = "| method | " + " | ".join(f"{k}-shot" for k in args.shots) + " |"
+    lines = [header, "|" + "---|" * (len(args.shots) + 1)]
+    lines += [
+        f"| {name} | " + " | ".join(_mean_std(row[k]) for k in args.shots) + " |" for name, row in results.items()
+    ]
+    table = "\n".join(lines)
+    print(table)
+    (out / "table.md").write_text(table + "\n")
+    write_json(out / "table.json", {name: {str(k): v for k, v in row.items()} for name, row in results.items()})

@@ -1,0 +1,502 @@
+"""PLOT (Chen et al., ICLR 2023) and CoOp (Zhou et al., IJCV 2022): few-shot prompt learning for CLIP classification.
+
+CoOp learns ``n_ctx`` context vectors that replace a hand-written template ("a photo of a") in front of each class
+name; the frozen CLIP text encoder turns the C prompts into class embeddings, compared with the global image
+feature by cosine similarity. PLOT learns N such prompt sets and compares the N text features of a class with
+CLIP's M *local* image features (the attention pool at every position for ResNets, the projected patch tokens for
+ViTs) by entropic optimal transport: cost 1 - cos, Sinkhorn with uniform marginals, the plan held constant for
+back-propagation, logit = exp(logit_scale) * sum_mn T_mn cos_mn.
+
+Where the papers leave a detail open, the authors' code decides (``CHENGY12/PLOT`` ``plot-coop/trainers/plot.py``,
+``KaiyangZhou/CoOp`` ``trainers/coop.py``): prompts "X X ... X <name>." with the Xs' embeddings replaced, text
+features N-major (prompt set, then class), the Sinkhorn loop and its stopping rule (:func:`sinkhorn`), CLIP frozen
+and in eval mode (only the contexts are trained; BatchNorm statistics stay CLIP's), no global-feature term except
+for ImageNet (``global_logits``).
+
+Everything here is a pure ``nn.Module``; the builders load CLIP through :func:`clipdense.clip.loading.load_clip`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipdense.clip.dense import dense_clip_encoder
+from clipdense.clip.loading import load_clip
+from clipdense.data.classnames import display_name
+from clipdense.models._build import DEFAULT_PRETRAINED, check_classes
+from clipdense.models.registry import register_model
+from clipdense.models.text import FrozenCLIPTextEncoder
+
+#: Where the class name goes relative to the learned contexts (CoOp's ``CLASS_TOKEN_POSITION``).
+CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("end", "middle", "front")
+
+
+# ------------------------------------------------------------------------------------------- optimal transport
+
+
+@torch.no_grad()
+def sinkhorn(
+    kernel: torch.Tensor, u: torch.Tensor, v: torch.Tensor, max_iter: int = 100, thresh: float = 1e-2
+) -> torch.Tensor:
+    """Entropic optimal-transport plans by Sinkhorn-Knopp iterations, as PLOT's ``Sinkhorn``.
+
+    Starting from r = 1, c = 1, each iteration sets r = u / (K c), then c = v / (K^T r), and stops once the mean
+    absolute change of r over the whole batch (all problems together, as the official code) is below ``thresh``,
+    or after ``max_iter`` iterations. The plan is diag(r) K diag(c): its column marginals are exactly ``v`` (c is
+    updated last), its row marginals ``u`` up to the stopping tolerance. No gradient flows through it.
+
+    Args:
+        kernel: P x M x N Gibbs kernels K = exp(-C / eps) of P problems.
+        u: P x M row marginals (PLOT: 1/M, the local image features).
+        v: P x N column marginals (PLOT: 1/N, the prompts).
+        max_iter: Most iterations (PLOT: 100).
+        thresh: Stop when mean |r - r_prev| < thresh (PLOT: 1e-2); 0 runs all ``max_iter`` iterations.
+
+    Returns:
+        P x M x N transport plans.
+    """
+    r = torch.ones_like(u)
+    c = torch.ones_like(v)
+    kernel_t = kernel.transpose(-2, -1)
+    for _ in range(max_iter):
+        r_prev = r
+        r = u / torch.matmul(kernel, c.unsqueeze(-1)).squeeze(-1)
+        c = v / torch.matmul(kernel_t, r.unsqueeze(-1)).squeeze(-1)
+        if (r - r_prev).abs().mean().item() < thresh:
+            break
+    return r.unsqueeze(-1) * kernel * c.unsqueeze(-2)
+
+
+def ot_similarity(
+    local: torch.Tensor, text: torch.Tensor, eps: float = 0.1, max_iter: int = 100, thresh: float = 1e-2
+) -> torch.Tensor:
+    """PLOT's transport similarity between M local image features and the N prompt features of every class.
+
+    Args:
+        local: B x M x D l2-normalised local image features.
+        text: N x C x D l2-normalised text features (N prompt sets, C classes).
+        eps: Entropic regularisation (PLOT: 0.1).
+        max_iter: Sinkhorn iterations at most.
+        thresh: Sinkhorn stopping threshold (see :func:`sinkhorn`).
+
+    Returns:
+        B x C similarities sum_mn T_mn cos_mn (= 1 - the OT distance with cost 1 - cos); differentiable in the
+        features, with the plans T constant.
+    """
+    b, m, _ = local.shape
+    n, c, _ = text.shape
+    sim = torch.einsum("bmd,ncd->bcmn", local, text).reshape(b * c, m, n)
+    with torch.no_grad():
+        kernel = torch.exp(-(1.0 - sim) / eps)
+        u = sim.new_full((b * c, m), 1.0 / m)
+        v = sim.new_full((b * c, n), 1.0 / n)
+        plan = sinkhorn(kernel, u, v, max_iter, thresh)
+    return (plan * sim).sum(dim=(1, 2)).view(b, c)
+
+
+# ------------------------------------------------------------------------------------------- prompts
+
+
+class PromptLearner(nn.Module):
+    """CoOp's learnable contexts, for N prompt sets (PLOT; N = 1 is CoOp).
+
+    Each class's prompt is tokenized as "X X ... X <name>." (or "<init words> <name>.") and the embeddings of the
+    ``n_ctx`` context tokens are replaced by learned vectors. Only ``ctx`` is a parameter; the token ids are a
+    buffer, and their embeddings are looked up in CLIP's (frozen) token embedding at every call, so that the
+    learner's state is the contexts and the ids only.
+
+    Args:
+        tokenizer: open_clip tokenizer (``tokenizer(list_of_texts)`` -> T x context_length ids).
+        class_names: C class names (entries with synonyms are prompted with their first name; ``_`` -> space).
+        width: Token width of the text transformer.
+        n_ctx: Number of context vectors (CoOp/PLOT: 16). Ignored when ``ctx_init`` is given: it has as many
+            vectors as the initial words have tokens.
+        ctx_init: Words whose token embeddings initialise the contexts (e.g. "a photo of a"); None draws them from
+            N(0, ``ctx_std``^2).
+        token_embedding: CLIP's token embedding, needed to initialise from ``ctx_init`` only.
+        class_specific: One context per class (CoOp's CSC) instead of one shared by all classes. With
+            ``ctx_init`` every class starts from the init words (the official code ignores CSC with an init).
+        class_token_position: ``end``, ``middle`` or ``front``.
+        n_prompts: N prompt sets (PLOT: 4). Their contexts must differ, so N > 1 needs the random initialisation.
+        ctx_std: Std of the random initialisation (0.02).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        class_names: Sequence[str],
+        width: int,
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        token_embedding: nn.Embedding | None = None,
+        class_specific: bool = False,
+        class_token_position: str = "end",
+        n_prompts: int = 1,
+        ctx_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise ValueError(
+                f"unknown class_token_position {class_token_position!r}; use one of {CLASS_TOKEN_POSITIONS}"
+            )
+        if n_prompts < 1 or n_ctx < 1:
+            raise ValueError(f"n_prompts and n_ctx must be >= 1, got {n_prompts} and {n_ctx}")
+        names = [display_name(c).replace("_", " ") for c in class_names]
+        if not names:
+            raise ValueError("the class list is empty")
+        if ctx_init:
+            if n_prompts > 1:
+                raise ValueError(
+                    "PLOT's N prompt sets would stay identical from one init (their transport plans and gradients are "
+                    "symmetric): use the random initialisation (ctx_init=None) with n_prompts > 1"
+                )
+            if token_embedding is None:
+                raise ValueError("ctx_init needs CLIP's token_embedding")
+            prefix = " ".join(ctx_init.replace("_", " ").split())
+            init_ids = tokenizer([prefix])[0]
+            n_ctx = int((init_ids != 0).sum()) - 2
+            with torch.no_grad():
+                init = token_embedding(init_ids[1 : 1 + n_ctx]).float()
+            count = len(names) if class_specific else 1
+            ctx = init[None, None].repeat(n_prompts, count, 1, 1)
+        else:
+            prefix = " ".join(["X"] * n_ctx)
+            ctx = torch.empty(n_prompts, len(names) if class_specific else 1, n_ctx, width)
+            nn.init.normal_(ctx, std=ctx_std)
+        token_ids = tokenizer([f"{prefix} {name}." for name in names])
+        if (token_ids[:, -1] != 0).any():
+            raise ValueError(
+                f"a prompt of {n_ctx} contexts and a class name does not fit the text encoder's {token_ids.shape[1]} "
+                "tokens: use fewer contexts or shorter class names"
+            )
+        # Causal attention: positions after the longest prompt's EOT never change a feature, so they are dropped.
+        length = int(token_ids.argmax(dim=-1).max()) + 1
+        self.register_buffer("token_ids", token_ids[:, :length].long().clone())
+        self.name_lens = [int((tokenizer([n])[0] != 0).sum()) - 2 for n in names]
+        self.ctx = nn.Parameter(ctx)  # N x (C or 1) x n_ctx x width
+        self.n_ctx, self.n_prompts, self.class_token_position = n_ctx, n_prompts, class_token_position
+        self.class_names = names
+
+    @property
+    def num_classes(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def eot_index(self) -> torch.Tensor:
+        """(N*C) positions of the EOT token, N-major."""
+        return self.token_ids.argmax(dim=-1).repeat(self.n_prompts)
+
+    def forward(self, token_embeddings: torch.Tensor) -> torch.Tensor:
+        """Insert the contexts into the embedded class prompts.
+
+        Args:
+            token_embeddings: C x L x width embeddings of ``token_ids``.
+
+        Returns:
+            (N*C) x L x width prompt embeddings, N-major (prompt set n's class k at row n*C + k).
+        """
+        n, k = self.n_prompts, self.num_classes
+        ctx = self.ctx.to(token_embeddings.dtype).expand(n, k, -1, -1)
+        tokens = token_embeddings[None].expand(n, -1, -1, -1)
+        prefix, suffix = tokens[:, :, :1], tokens[:, :, 1 + self.n_ctx :]
+        if self.class_token_position == "end":
+            out = torch.cat([prefix, ctx, suffix], dim=2)
+        else:
+            half = self.n_ctx // 2
+            rows = []
+            for i, length in enumerate(self.name_lens):
+                name, rest = suffix[:, i, :length], suffix[:, i, length:]
+                if self.class_token_position == "middle":
+                    parts = [prefix[:, i], ctx[:, i, :half], name, ctx[:, i, half:], rest]
+                else:
+                    parts = [prefix[:, i], name, ctx[:, i], rest]
+                rows.append(torch.cat(parts, dim=1))
+            out = torch.stack(rows, dim=1)
+        return out.reshape(n * k, *out.shape[2:])
+
+
+# ------------------------------------------------------------------------------------------- classifiers
+
+
+class _PromptClassifier(nn.Module):
+    """What CoOp and PLOT share: the prompt learner, CLIP's frozen text encoder and a text-feature cache.
+
+    CLIP stays frozen and in eval mode whatever ``train()`` is asked (only ``prompt_learner.ctx`` is trained). After
+    training the text features are constant: :meth:`cache_text_features` keeps them so that inference runs no text
+    encoder; the cache is dropped by ``train()`` and by loading a state dict, and it is never saved.
+    """
+
+    def __init__(self, clip_model: nn.Module, prompt_learner: PromptLearner) -> None:
+        super().__init__()
+        self.prompt_learner = prompt_learner
+        self.text_encoder = FrozenCLIPTextEncoder(clip_model, prompt_learner.token_ids.shape[1])
+        self.register_buffer("logit_scale", clip_model.logit_scale.detach().clone().reshape(()))
+        self.register_buffer("text_cache", None, persistent=False)
+        self.register_load_state_dict_pre_hook(lambda module, *args: module.clear_text_cache())
+        self.class_names = list(prompt_learner.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return self.prompt_learner.num_classes
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The CLIP parts (kept in eval mode and without gradients)."""
+        return [self.text_encoder]
+
+    def train(self, mode: bool = True) -> _PromptClassifier:
+        super().train(mode)
+        if mode:
+            self.clear_text_cache()
+        for m in self.frozen_modules():
+            m.train(False)
+        return self
+
+    def clear_text_cache(self) -> None:
+        self.text_cache = None
+
+    @torch.no_grad()
+    def cache_text_features(self) -> torch.Tensor:
+        """Compute and keep the (N*C) x D normalised text features of the learned contexts; returns them."""
+        self.text_cache = None
+        self.text_cache = self.text_features()
+        return self.text_cache
+
+    def text_features(self) -> torch.Tensor:
+        """(N*C) x D l2-normalised prompt features (N-major); the cache when present."""
+        if self.text_cache is not None:
+            return self.text_cache
+        pl = self.prompt_learner
+        embedded = self.text_encoder.token_embedding(pl.token_ids)
+        prompts = pl(embedded.to(self.text_encoder.positional_embedding.dtype))
+        return F.normalize(self.text_encoder(prompts, pl.eot_index), dim=-1)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The learned state (contexts and prompt token ids): all that a run must keep besides the CLIP weights."""
+        return {f"prompt_learner.{k}": v for k, v in self.prompt_learner.state_dict().items()}
+
+
+class CoOp(_PromptClassifier):
+    """CoOp: learned prompts against CLIP's global image feature.
+
+    Args:
+        clip_model: open_clip ``CLIP`` (frozen; its image tower and text tower are used).
+        prompt_learner: The contexts (``n_prompts`` 1).
+    """
+
+    def __init__(self, clip_model: nn.Module, prompt_learner: PromptLearner) -> None:
+        super().__init__(clip_model, prompt_learner)
+        if prompt_learner.n_prompts != 1:
+            raise ValueError("CoOp learns one prompt set; use PLOT for n_prompts > 1")
+        self.visual = clip_model.visual
+        self.visual.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.text_encoder, self.visual]
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W normalised images -> B x D l2-normalised global features (CLIP's ``encode_image``)."""
+        with torch.no_grad():
+            return F.normalize(self.visual(images.to(self.logit_scale.dtype)), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Args:
+            images: B x 3 x H x W normalised images.
+
+        Returns:
+            B x C logits exp(logit_scale) * cos(image, class prompt).
+        """
+        return self.logit_scale.exp() * self.image_features(images) @ self.text_features().t()
+
+
+class PLOT(_PromptClassifier):
+    """PLOT: N learned prompt sets matched to CLIP's local image features by optimal transport.
+
+    Args:
+        clip_model: open_clip ``CLIP`` (frozen).
+        prompt_learner: The contexts of the N prompt sets.
+        eps: Entropic regularisation of the Sinkhorn iterations (0.1).
+        max_iter: Sinkhorn iterations at most (100).
+        thresh: Sinkhorn stopping threshold on the mean change of the scaling vector (1e-2).
+        global_logits: Add CoOp-style logits of the global image feature against the mean of the N prompt
+            features. The official code does so for ImageNet only (off by default).
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        prompt_learner: PromptLearner,
+        eps: float = 0.1,
+        max_iter: int = 100,
+        thresh: float = 1e-2,
+        global_logits: bool = False,
+    ) -> None:
+        super().__init__(clip_model, prompt_learner)
+        # The local features: the attention pool with every position as a query (ResNet), or the projected
+        # patch tokens (ViT); "vanilla" keeps CLIP's own attention, so the global feature is encode_image's.
+        self.image_encoder = dense_clip_encoder(clip_model.visual, "vanilla")
+        self.image_encoder.requires_grad_(False)
+        self.eps, self.max_iter, self.thresh, self.global_logits = eps, max_iter, thresh, global_logits
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.text_encoder, self.image_encoder]
+
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x 3 x H x W normalised images -> (B x D global, B x M x D local) l2-normalised features."""
+        with torch.no_grad():
+            feats = self.image_encoder(images.to(self.logit_scale.dtype))
+            local = feats.dense.flatten(2).transpose(1, 2)
+            return F.normalize(feats.global_embed, dim=-1), F.normalize(local, dim=-1)
+
+    def logits_from_features(self, global_feat: torch.Tensor, local: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Args:
+            global_feat: B x D normalised global image features (used with ``global_logits`` only).
+            local: B x M x D normalised local features.
+            text: (N*C) x D normalised text features, N-major.
+
+        Returns:
+            B x C logits.
+        """
+        text = text.view(self.prompt_learner.n_prompts, self.num_classes, -1)
+        scale = self.logit_scale.exp()
+        logits = scale * ot_similarity(local, text, self.eps, self.max_iter, self.thresh)
+        if self.global_logits:
+            logits = logits + scale * global_feat @ F.normalize(text.mean(dim=0), dim=-1).t()
+        return logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Args:
+            images: B x 3 x H x W normalised images.
+
+        Returns:
+            B x C logits exp(logit_scale) * sum_mn T_mn cos(local_m, prompt_n of the class).
+        """
+        global_feat, local = self.image_features(images)
+        return self.logits_from_features(global_feat, local, self.text_features())
+
+
+class ZeroShotClassifier(nn.Module):
+    """Zero-shot CLIP: the global image feature against fixed class text embeddings (the few-shot baseline).
+
+    Args:
+        clip_model: open_clip ``CLIP`` (its image tower is used).
+        text_features: C x D l2-normalised class embeddings (e.g. :func:`clipdense.clip.text.class_text_embeddings`).
+    """
+
+    def __init__(self, clip_model: nn.Module, text_features: torch.Tensor) -> None:
+        super().__init__()
+        self.visual = clip_model.visual
+        self.register_buffer("text", F.normalize(text_features.float(), dim=-1))
+        self.register_buffer("logit_scale", clip_model.logit_scale.detach().clone().reshape(()))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W normalised images -> B x C logits."""
+        feats = F.normalize(self.visual(images.to(self.logit_scale.dtype)), dim=-1)
+        return self.logit_scale.exp() * feats @ self.text.t()
+
+
+# ------------------------------------------------------------------------------------------- builders
+
+#: Few-shot methods and the model class of each.
+METHODS: dict[str, type[_PromptClassifier]] = {"coop": CoOp, "plot": PLOT}
+
+
+def build_prompt_classifier(
+    method: str,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    clip_model: str = "RN50",
+    n_ctx: int = 16,
+    ctx_init: str | None = None,
+    class_specific: bool = False,
+    class_token_position: str = "end",
+    n_prompts: int | None = None,
+    ctx_std: float = 0.02,
+    eps: float = 0.1,
+    max_iter: int = 100,
+    thresh: float = 1e-2,
+    global_logits: bool = False,
+) -> CoOp | PLOT:
+    """Build CoOp or PLOT over a CLIP model.
+
+    Args:
+        method: ``coop`` or ``plot``.
+        class_names: C class names (required: the prompts contain them).
+        num_classes: C, checked against the names.
+        pretrained: CLIP weights (see :func:`clipdense.clip.loading.load_clip`).
+        clip_model: CLIP architecture (``RN50``, ``ViT-B-16``, ``ShapesCLIP-RN``, ...).
+        n_ctx, ctx_init, class_specific, class_token_position, ctx_std: See :class:`PromptLearner`.
+        n_prompts: Prompt sets N (default: 1 for CoOp, 4 for PLOT).
+        eps, max_iter, thresh, global_logits: PLOT only; see :class:`PLOT`.
+
+    Returns:
+        The model, CLIP frozen; its ``image_size``, ``image_mean`` and ``image_std`` say how to preprocess images.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown few-shot method {method!r}; use one of {sorted(METHODS)}")
+    names = check_classes(class_names, num_classes, need_names=True)
+    loaded = load_clip(clip_model, pretrained)
+    model = loaded.model
+    model.requires_grad_(False)
+    n_prompts = n_prompts if n_prompts is not None else (4 if method == "plot" else 1)
+    learner = PromptLearner(
+        loaded.tokenizer,
+        names,
+        width=model.token_embedding.weight.shape[1],
+        n_ctx=n_ctx,
+        ctx_init=ctx_init,
+        token_embedding=model.token_embedding,
+        class_specific=class_specific,
+        class_token_position=class_token_position,
+        n_prompts=n_prompts,
+        ctx_std=ctx_std,
+    )
+    if method == "coop":
+        out: CoOp | PLOT = CoOp(model, learner)
+    else:
+        out = PLOT(model, learner, eps=eps, max_iter=max_iter, thresh=thresh, global_logits=global_logits)
+    out.image_size, out.image_mean, out.image_std = loaded.image_size, tuple(loaded.mean), tuple(loaded.std)
+    return out.train(False)
+
+
+@register_model
+def coop_rn50(**kw) -> CoOp:
+    """CoOp over CLIP RN50 (16 shared contexts, class token at the end)."""
+    return build_prompt_classifier("coop", **{"clip_model": "RN50", **kw})
+
+
+@register_model
+def coop_vitb16(**kw) -> CoOp:
+    """CoOp over CLIP ViT-B/16."""
+    return build_prompt_classifier("coop", **{"clip_model": "ViT-B-16", **kw})
+
+
+@register_model
+def plot_rn50(**kw) -> PLOT:
+    """PLOT over CLIP RN50 (N = 4 prompt sets of 16 contexts; 49 local features at 224 px)."""
+    return build_prompt_classifier("plot", **{"clip_model": "RN50", **kw})
+
+
+@register_model
+def plot_vitb16(**kw) -> PLOT:
+    """PLOT over CLIP ViT-B/16 (local features: the 196 projected patch tokens; no PLOT++ visual prompts)."""
+    return build_prompt_classifier("plot", **{"clip_model": "ViT-B-16", **kw})
+
+
+__all__ = [
+    "CLASS_TOKEN_POSITIONS",
+    "METHODS",
+    "PLOT",
+    "CoOp",
+    "PromptLearner",
+    "ZeroShotClassifier",
+    "build_prompt_classifier",
+    "ot_similarity",
+    "sinkhorn",
+]

@@ -1,0 +1,193 @@
+"""CoOp and PLOT: the Sinkhorn plan against POT, PLOT's reduction to CoOp, prompt assembly, and what a step trains."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipdense.models import create_model, list_models
+from clipdense.models.fewshot import PLOT, CoOp, ot_similarity, sinkhorn
+
+NAMES = ["red thing", "green thing", "blue thing"]
+
+
+def _model(name, **kw):
+    clip = "tiny-ViT" if "vit" in name else "tiny-RN"
+    torch.manual_seed(0)
+    return create_model(name, class_names=NAMES, pretrained=None, clip_model=clip, **kw)
+
+
+def test_registered():
+    assert {"coop_rn50", "coop_vitb16", "plot_rn50", "plot_vitb16"} <= set(list_models())
+
+
+def _random_problems(seed, p=6, m=7, n=4):
+    g = torch.Generator().manual_seed(seed)
+    cost = 1 - F.cosine_similarity(  # 1 - cos of random unit vectors, as PLOT's costs
+        torch.randn(p, m, 1, 16, generator=g, dtype=torch.float64),
+        torch.randn(p, 1, n, 16, generator=g, dtype=torch.float64),
+        dim=-1,
+    )
+    return cost, torch.full((p, m), 1 / m, dtype=torch.float64), torch.full((p, n), 1 / n, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sinkhorn_matches_pot(seed):
+    """The plan equals POT's ``ot.sinkhorn`` (Sinkhorn-Knopp) with the same entropic regularisation eps = 0.1.
+
+    The stopping rules differ: PLOT stops when the mean |r - r_prev| of its row scaling vector is below ``thresh``
+    and updates r then c from r = c = 1; POT updates v then u from 1/n and checks the violation of the b marginal
+    every 10 iterations (``stopThr``). After a fixed number of iterations the two plans are different iterates of
+    the same fixed-point map, so they are compared where both have converged to the unique entropic plan (float64,
+    thresholds far below the float32 resolution, enough iterations), which makes agreement to 1e-5 meaningful:
+    any error in the kernel, the update order or the plan formula diag(r) K diag(c) would show.
+    """
+    ot = pytest.importorskip("ot")
+    eps = 0.1
+    cost, u, v = _random_problems(seed)
+    plan = sinkhorn(torch.exp(-cost / eps), u, v, max_iter=10000, thresh=1e-14)
+    for i in range(cost.shape[0]):
+        ref = ot.sinkhorn(u[i].numpy(), v[i].numpy(), cost[i].numpy(), reg=eps, numItermax=10000, stopThr=1e-13)
+        np.testing.assert_allclose(plan[i].numpy(), ref, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(plan[i].sum(1).numpy(), u[i].numpy(), atol=1e-9)
+        np.testing.assert_allclose(plan[i].sum(0).numpy(), v[i].numpy(), atol=1e-9)
+
+
+def test_sinkhorn_official_stopping_rule():
+    """With PLOT's settings (100 iterations, thresh 1e-2) on float32: the column marginals are exact (c is updated
+    last), the row marginals hold to the tolerance the rule buys, and the plan is close to POT's at 100 iterations."""
+    ot = pytest.importorskip("ot")
+    cost, u, v = _random_problems(3)
+    plan = sinkhorn(torch.exp(-cost.float() / 0.1), u.float(), v.float())
+    torch.testing.assert_close(plan.sum(1), v.float(), atol=1e-6, rtol=0)
+    assert (plan.sum(2) - u.float()).abs().max() < 5e-3
+    assert plan.sum(dim=(1, 2)).sub(1).abs().max() < 1e-5
+    ref = ot.sinkhorn(u[0].numpy(), v[0].numpy(), cost[0].numpy(), reg=0.1, numItermax=100, stopThr=0, warn=False)
+    assert np.abs(plan[0].double().numpy() - ref).max() < 5e-3
+
+
+def test_sinkhorn_stops_early_and_ot_has_no_gradient_through_the_plan():
+    local = F.normalize(torch.randn(2, 5, 8), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(3, 4, 8), dim=-1)
+    sim = ot_similarity(local, text)
+    assert sim.shape == (2, 4)
+    sim.sum().backward()
+    # d/d local of sum_mn T_mn <local_m, text_n> with T constant is sum_n T_mn text_n
+    s = torch.einsum("bmd,ncd->bcmn", local.detach(), text).reshape(8, 5, 3)
+    plan = sinkhorn(torch.exp(-(1 - s) / 0.1), torch.full((8, 5), 1 / 5), torch.full((8, 3), 1 / 3))
+    expected = torch.einsum("bcmn,ncd->bmd", plan.view(2, 4, 5, 3), text)
+    torch.testing.assert_close(local.grad, expected)
+
+
+def test_plot_with_one_prompt_and_one_local_feature_is_coop():
+    """N = 1 and M = 1: the plan is the single entry 1, so the logit is exp(logit_scale) * cos (CoOp's)."""
+    coop, plot = _model("coop_rn50"), _model("plot_rn50", n_prompts=1)
+    plot.prompt_learner.load_state_dict(coop.prompt_learner.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    global_feat = coop.image_features(images)
+    text = plot.text_features()
+    torch.testing.assert_close(text, coop.text_features())
+    logits = plot.logits_from_features(global_feat, global_feat[:, None], text)
+    torch.testing.assert_close(logits, coop(images))
+    # PLOT's global feature is CLIP's encode_image, as CoOp's
+    torch.testing.assert_close(plot.image_features(images)[0], global_feat, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["plot_rn50", "plot_vitb16"])
+def test_plot_local_features(name):
+    model = _model(name)
+    size = model.image_size
+    g, local = model.image_features(torch.randn(2, 3, size, size))
+    grid = (size // 32) ** 2 if "rn" in name else (size // 8) ** 2
+    assert local.shape == (2, grid, 32) and g.shape == (2, 32)
+    torch.testing.assert_close(local.norm(dim=-1), torch.ones(2, grid))
+    assert model(torch.randn(2, 3, size, size)).shape == (2, 3)
+
+
+def test_prompt_layouts():
+    torch.manual_seed(0)
+    model = _model("coop_rn50")
+    pl = model.prompt_learner
+    assert pl.ctx.shape == (1, 1, 16, 32) and pl.n_ctx == 16
+    emb = model.text_encoder.token_embedding(pl.token_ids)
+    out = pl(emb)
+    assert out.shape == emb.shape  # the Xs are replaced in place
+    torch.testing.assert_close(out[:, 1:17], pl.ctx[0, 0].expand(3, -1, -1))
+    torch.testing.assert_close(out[:, 17:], emb[:, 17:])
+
+    front = _model("coop_rn50", class_token_position="front", class_specific=True)
+    pl = front.prompt_learner
+    emb = front.text_encoder.token_embedding(pl.token_ids)
+    out = pl(emb)
+    assert pl.ctx.shape == (1, 3, 16, 32)
+    for k, length in enumerate(pl.name_lens):  # SOT, name, contexts, "." EOT
+        torch.testing.assert_close(out[k, 1 : 1 + length], emb[k, 17 : 17 + length])
+        torch.testing.assert_close(out[k, 1 + length : 17 + length], pl.ctx[0, k])
+
+    middle = _model("coop_rn50", class_token_position="middle")
+    pl = middle.prompt_learner
+    emb = middle.text_encoder.token_embedding(pl.token_ids)
+    out = pl(emb)
+    k, length = 0, pl.name_lens[0]
+    torch.testing.assert_close(out[k, 1:9], pl.ctx[0, 0, :8])
+    torch.testing.assert_close(out[k, 9 : 9 + length], emb[k, 17 : 17 + length])
+    torch.testing.assert_close(out[k, 9 + length : 17 + length], pl.ctx[0, 0, 8:])
+
+    plot = _model("plot_rn50")
+    assert plot.prompt_learner.ctx.shape == (4, 1, 16, 32)
+    assert plot.text_features().shape == (12, 32)
+
+
+def test_ctx_init_from_words():
+    model = _model("coop_rn50", ctx_init="a photo of a")
+    pl = model.prompt_learner
+    assert pl.n_ctx == 4
+    emb = model.text_encoder.token_embedding(pl.token_ids)
+    torch.testing.assert_close(pl.ctx[0, 0], emb[0, 1:5])  # the words' own embeddings
+    with pytest.raises(ValueError, match="identical"):
+        _model("plot_rn50", ctx_init="a photo of a")
+
+
+def test_random_init_std():
+    torch.manual_seed(0)
+    ctx = _model("plot_rn50").prompt_learner.ctx
+    assert abs(ctx.std().item() - 0.02) < 0.003 and abs(ctx.mean().item()) < 0.003
+
+
+@pytest.mark.parametrize("name", ["coop_rn50", "plot_rn50", "plot_vitb16"])
+def test_a_step_trains_only_the_contexts(name):
+    """Gradients reach only the contexts; CLIP (weights and BatchNorm statistics) is bit-identical after a step."""
+    model = _model(name).train()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_learner.ctx"]
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prompt_learner.ctx")}
+    ctx = model.prompt_learner.ctx.detach().clone()
+    opt = torch.optim.SGD([model.prompt_learner.ctx], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    size = model.image_size
+    loss = F.cross_entropy(model(torch.randn(4, 3, size, size)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert model.prompt_learner.ctx.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(model.prompt_learner.ctx, ctx)
+    for k, v in model.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+    assert all(not m.training for m in model.frozen_modules())
+
+
+def test_text_cache():
+    model = _model("plot_rn50").eval()
+    images = torch.randn(2, 3, 64, 64)
+    before = model(images)
+    model.cache_text_features()
+    assert model.text_cache is not None
+    torch.testing.assert_close(model(images), before)
+    model.train()
+    assert model.text_cache is None
+
+
+def test_classes_and_types():
+    assert isinstance(_model("coop_rn50"), CoOp) and isinstance(_model("plot_rn50"), PLOT)
+    with pytest.raises(ValueError, match="class_names"):
+        create_model("coop_rn50", pretrained=None, clip_model="tiny-RN")
+    with pytest.raises(ValueError, match="class_token_position"):
+        _model("coop_rn50", class_token_position="left")
