@@ -72,3 +72,22 @@ def test_quick_report_on_a_tiny_setting(tmp_path, monkeypatch, capsys):
 def test_unknown_claim_is_a_usage_error(tmp_path, capsys):
     assert main(["shapesworld", "report", "--claims", "speed", "--out", str(tmp_path / "r")]) == 2
     assert "--claims: unknown speed" in capsys.readouterr().err
+
+
+def test_a_tagged_run_trains_in_its_own_folder(tmp_path, monkeypatch):
+    """MaskCLIP+ without self-training is the zero-shot config plus an override: it must not reuse the plain run."""
+    trained = []
+
+    def fake_train(cfg, resume=False, progress=True):
+        trained.append((cfg.resolved_run_dir(), cfg.model.overrides.get("self_train_from")))
+        (cfg.resolved_run_dir() / "checkpoints" / "step_1").mkdir(parents=True)
+        return {"finished": True, "step": 1}
+
+    monkeypatch.setattr(claims, "train", fake_train)
+    monkeypatch.setattr(claims, "latest_checkpoint", lambda d: next(iter((d / "checkpoints").glob("step_*")), None))
+    report = claims._Report(tmp_path, QUICK, claims.CONFIGS, "cpu", progress=False)
+    config = "maskclip_plus_zeroshot_shapesworld"
+    plain, _, _ = report._run(config, 0, 1)
+    tagged, _, _ = report._run(config, 0, 1, ["model.overrides.self_train_from=null"], f"{config}_noself")
+    assert plain != tagged and [t[1] for t in trained] == [0.1, None]
+    assert report._run(config, 0, 1)[0] == plain and len(trained) == 2  # finished: reused, not retrained

@@ -219,11 +219,14 @@ class _Report:
         )
         atomic_write_json(meta, wanted)
 
-    def _run(self, config: str, seed: int, iters: int, extra: Sequence[str] = ()) -> tuple[Path, float, str]:
-        """Trains ``config`` (or reuses the finished run); returns the run folder, its training seconds, the config."""
+    def _run(
+        self, config: str, seed: int, iters: int, extra: Sequence[str] = (), tag: str | None = None
+    ) -> tuple[Path, float, str]:
+        """Trains ``config`` with ``extra`` overrides (or reuses the finished run), in ``runs/<tag or config>_s<seed>``;
+        returns the run folder, its training seconds and the config file."""
         b = self.budget
         path = self.configs / f"{config}.yaml"
-        run_dir = self.out / "runs" / f"{config}_s{seed}"
+        run_dir = self.out / "runs" / f"{tag or config}_s{seed}"
         detection = "retinanet" in config
         size = b.image_size
         overrides = [
@@ -408,7 +411,7 @@ class _Report:
         for config, name, extra in runs:
             seed = b.seeds[0]
             tag = config if not extra else f"{config}_noself"
-            run_dir, wall, path = self._run_named(tag, config, seed, b.mcp_iters, extra)
+            run_dir, wall, path = self._run(config, seed, b.mcp_iters, extra, tag)
             evaluation = evaluate_run(run_dir, self.device, limit=b.val_scenes, progress=self.progress)
             if "zeroshot" in config:
                 split = seen_unseen_report(evaluation.report, unseen)
@@ -439,13 +442,6 @@ class _Report:
                         path,
                     )
                 )
-
-    def _run_named(self, tag: str, config: str, seed: int, iters: int, extra: Sequence[str]):
-        """:meth:`_run` under another run-folder name (a config run with extra overrides)."""
-        if tag == config:
-            return self._run(config, seed, iters, extra)
-        run_dir = self.out / "runs" / f"{tag}_s{seed}"
-        return self._run(config, seed, iters, (*extra, f"run_dir={run_dir}"))
 
     def claim_training_free(self) -> None:
         clip = self._shapes_clip()
