@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,6 @@ class ReportBudget:
             validation split are used everywhere else.
         robustness_scenes: Validation scenes corrupted in claim 6.
         corruptions, severities: Claim 6's grid.
-        ppl_samples: Monte-Carlo samples of PPL's uncertainty (its config's value when None).
     """
 
     train_scenes: int = 1200
@@ -98,18 +97,6 @@ QUICK = ReportBudget(
     robustness_scenes=8,
     corruptions=("gaussian_noise", "jpeg_compression"),
     severities=(1, 3, 5),
-)
-
-#: MaskCLIP+'s unseen classes in ShapesWorld (as in configs/shapesworld/maskclip_plus_zeroshot_shapesworld.yaml).
-UNSEEN = (
-    "red star",
-    "green hexagon",
-    "blue cross",
-    "yellow diamond",
-    "purple circle",
-    "orange square",
-    "white triangle",
-    "black hexagon",
 )
 
 #: Claim 4's refinement settings: MaskCLIP's thresholds (prompt denoising 0.5; key smoothing 1.0 as in MaskCLIP+'s
@@ -271,9 +258,9 @@ class _Report:
         atomic_write_json(done, {"wall_s": wall, "steps": iters})
         return run_dir, wall, str(path)
 
-    def _miou(self, run_dir: Path) -> tuple[float, Any]:
+    def _miou(self, run_dir: Path) -> float:
         evaluation = evaluate_run(run_dir, self.device, limit=self.budget.val_scenes, progress=self.progress)
-        return evaluation.report.miou, evaluation
+        return evaluation.report.miou
 
     def _compare(
         self, claim: str, configs: Sequence[str], metric: str, measure: Callable[[Path], float], iters: int
@@ -307,11 +294,11 @@ class _Report:
             "denseclip_fpn_pre_shapesworld",
             "denseclip_fpn_shapesworld",
         ]
-        self._compare("denseclip", configs, "mIoU", lambda d: self._miou(d)[0], self.budget.seg_iters)
+        self._compare("denseclip", configs, "mIoU", self._miou, self.budget.seg_iters)
 
     def claim_ppl(self) -> None:
         configs = ["denseclip_fpn_shapesworld", "ppl_fpn_shapesworld"]
-        self._compare("ppl", configs, "mIoU", lambda d: self._miou(d)[0], self.budget.seg_iters)
+        self._compare("ppl", configs, "mIoU", self._miou, self.budget.seg_iters)
         run_dir = self.out / "runs" / f"ppl_fpn_shapesworld_s{self.budget.seeds[0]}"
         predictor = TrainedPredictor.from_run(run_dir, self.device)
         dataset = build_dataset("shapesworld", str(self.data), "validation")
@@ -367,7 +354,8 @@ class _Report:
         b = self.budget
         dataset = build_dataset("shapesworld", str(self.data), "validation")
         names = list(dataset.class_names)
-        unseen = [names.index(n) for n in UNSEEN]
+        zeroshot = load_config(self.configs / "maskclip_plus_zeroshot_shapesworld.yaml")
+        unseen = [names.index(n) for n in zeroshot.model.overrides["unseen_classes"]]  # the config's split
         start = time.perf_counter()
         report = evaluate_predictor(
             self._maskclip_predictor(self._shapes_clip()), dataset, b.val_scenes, progress=self.progress
@@ -683,8 +671,3 @@ def format_report(payload: dict[str, Any]) -> str:
         lines.append("")
     lines += [f"Note: {n}" for n in payload["notes"]]
     return "\n".join(lines) + "\n"
-
-
-def with_budget(budget: ReportBudget, **changes: Any) -> ReportBudget:
-    """A budget with some sizes changed (``--iters`` etc.)."""
-    return replace(budget, **{k: v for k, v in changes.items() if v is not None})
