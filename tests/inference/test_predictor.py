@@ -7,21 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdense.clip import load_clip
 from clipdense.clip.refine import key_smoothing, prompt_denoise
 from clipdense.inference import OpenVocabPredictor, SegmenterConfig, read_image, window_starts
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_configs):
-    torch.manual_seed(0)
-    return load_clip("tiny-RN", None)
-
-
-@pytest.fixture
-def image():
-    torch.manual_seed(1)
-    return (torch.rand(3, 75, 110) * 255).to(torch.uint8)
 
 
 @pytest.mark.parametrize(("size", "crop", "stride"), [(100, 40, 20), (64, 64, 32), (30, 64, 32), (101, 50, 17)])

@@ -5,22 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdense.clip import load_clip
 from clipdense.clip.text import ClassEmbeddings
 from clipdense.inference import PAMR, OpenVocabPredictor, SegmenterConfig
 from clipdense.inference.predictor import resized_size
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_configs):
-    torch.manual_seed(0)
-    return load_clip("tiny-RN", None)
-
-
-@pytest.fixture
-def image():
-    torch.manual_seed(1)
-    return (torch.rand(3, 75, 110) * 255).to(torch.uint8)
 
 
 def _whole(**kw) -> SegmenterConfig:
