@@ -78,7 +78,7 @@ def tiny_overrides(root, run_dir, model="denseclip_fpn_rn50", iters=30, **extra)
         "run_dir": str(run_dir),
         "model.name": model,
         "model.pretrained": "null",
-        "model.overrides": json.dumps({"clip_model": "tiny-RN", **extra.pop("model_overrides", {})}),
+        "model.overrides": json.dumps({"clip_model": "tiny-RN", "fpn_channels": 32, **extra.pop("model_overrides", {})}),
         "data.dataset": "folder",
         "data.root": str(root),
         "data.crop_size": 32,
@@ -110,8 +110,8 @@ def write_shapes_coco(root, num_train=24, num_val=8, seed=0):
     return export_coco(root, num_train=num_train, num_val=num_val, seed=seed, cfg=cfg, progress=False)
 
 
-# Small torchvision detector settings for CPU tests: 128 px inputs, few RPN proposals and RoI samples.
-TINY_DETECTOR = {"clip_model": "tiny-RN", "input_resolution": None, "min_size": 128, "max_size": 160}
+# Small torchvision detector settings for CPU tests: 128 px inputs, a 32-wide FPN, few RPN proposals and RoI samples.
+TINY_DETECTOR = {"clip_model": "tiny-RN", "input_resolution": None, "min_size": 128, "max_size": 160, "fpn_channels": 32}
 TINY_RCNN = {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 64}
 
 
