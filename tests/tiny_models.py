@@ -73,12 +73,13 @@ def write_colour_dataset(root, n=12, size=48, seed=0):
 
 
 def tiny_overrides(root, run_dir, model="denseclip_fpn_rn50", iters=30, **extra):
+    narrow = {"fpn_channels": 32} if "fpn" in model else {}
     base = {
         "name": "tiny",
         "run_dir": str(run_dir),
         "model.name": model,
         "model.pretrained": "null",
-        "model.overrides": json.dumps({"clip_model": "tiny-RN", "fpn_channels": 32, **extra.pop("model_overrides", {})}),
+        "model.overrides": json.dumps({"clip_model": "tiny-RN", **narrow, **extra.pop("model_overrides", {})}),
         "data.dataset": "folder",
         "data.root": str(root),
         "data.crop_size": 32,

@@ -362,3 +362,26 @@ def test_shipped_configs_are_consistent():
             assert refine == ((1.0, 0.5) if over["clip_model"] == "ViT-B-16" else (0.0, 0.0))
             assert cfg.train.iters == {"voc20": 2000, "context59": 4000, "cocostuff171": 8000}[cfg.data.dataset]
         assert cfg.optim.min_lr == 1e-4
+
+
+def test_clip_trunk_is_a_dilated_copy_of_the_guide_tower():
+    model = tiny(trunk="clip")
+    trunk, visual = model.backbone, model.guide.encoder.visual
+    tower = {k: v for k, v in visual.state_dict().items() if not k.startswith("attnpool")}
+    trunk_state = trunk.state_dict()
+    assert len(trunk_state) == len(tower)  # every tower weight but the attention pool's, and nothing else
+    assert all(torch.equal(a, b) for a, b in zip(trunk_state.values(), tower.values(), strict=True))
+    assert not {p.data_ptr() for p in trunk.parameters()} & {p.data_ptr() for p in visual.parameters()}
+    trunk.eval(), visual.eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        low, high = trunk(x)
+        assert low.shape[-2:] == (16, 12) and high.shape[-2:] == (8, 6)  # output strides 4 and 8
+        # the undilated part computes exactly what the guide's tower does
+        assert torch.equal(trunk.layer2(low), visual.layer2(visual.layer1(visual.stem(x))))
+    rates = [[b.conv2.dilation[0] for b in layer] for layer in (trunk.layer3, trunk.layer4)]
+    assert rates == [[1] + [2] * (len(trunk.layer3) - 1), [2] + [4] * (len(trunk.layer4) - 1)]
+    assert not any(isinstance(m, torch.nn.AvgPool2d) for m in [*trunk.layer3.modules(), *trunk.layer4.modules()])
+    assert isinstance(visual.layer3[0].avgpool, torch.nn.AvgPool2d)  # the guide keeps its strides
+    with pytest.raises(ValueError, match="CLIP ResNet"):
+        tiny(trunk="clip", clip_model="tiny-ViT")

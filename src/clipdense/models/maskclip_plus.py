@@ -23,6 +23,7 @@ The builder :func:`build_maskclip_plus` and the registered names ``maskclip_plus
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -125,6 +126,48 @@ class DilatedResNetTrunk(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args:
             images: B x 3 x H x W.
+
+        Returns:
+            (B x C1 x H/4 x W/4 low-level features, B x C4 x H/8 x W/8 high-level features).
+        """
+        low = self.layer1(self.stem(images))
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+class DilatedCLIPResNetTrunk(nn.Module):
+    """A CLIP ModifiedResNet image tower (its weights, without the attention pool) made output-stride 8 the way
+    DeepLab dilates a ResNet: layer3 and layer4 lose their 2x2 average-pool downsampling and their 3x3 convolutions
+    dilate by 2 and 4 (the first block of each keeps the previous rate, as torchvision's
+    ``replace_stride_with_dilation``). The trained weights stay valid; only the sampling grid changes.
+
+    Args:
+        visual: An ``open_clip`` ``ModifiedResNet`` (copied, so the guide's tower stays untouched).
+
+    Attributes:
+        out_channels: Channels of (layer1, layer4).
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        visual = copy.deepcopy(visual)
+        self.stem = nn.Sequential(
+            visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2, visual.act2,
+            visual.conv3, visual.bn3, visual.act3, visual.avgpool,
+        )  # fmt: skip
+        self.layer1, self.layer2, self.layer3, self.layer4 = visual.layer1, visual.layer2, visual.layer3, visual.layer4
+        for layer, rate in ((self.layer3, 2), (self.layer4, 4)):
+            for i, block in enumerate(layer):
+                block.avgpool = nn.Identity()
+                if block.downsample is not None:
+                    block.downsample[0] = nn.Identity()  # open_clip names the shortcut's pool "-1"
+                    block.downsample = nn.Sequential(*(m for m in block.downsample if not isinstance(m, nn.Identity)))
+                d = rate // 2 if i == 0 else rate
+                block.conv2.dilation, block.conv2.padding = (d, d), (d, d)
+        self.out_channels = (self.layer1[-1].bn3.num_features, self.layer4[-1].bn3.num_features)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args:
+            images: B x 3 x H x W (CLIP-normalised).
 
         Returns:
             (B x C1 x H/4 x W/4 low-level features, B x C4 x H/8 x W/8 high-level features).
@@ -465,7 +508,10 @@ def build_maskclip_plus(
     Args:
         clip_model: CLIP architecture of the guide and the text embeddings (RN50 in the paper's zero-shot runs).
         head: ``"deeplabv2"`` (ASPP 6/12/18/24) or ``"deeplabv3plus"``.
-        trunk: ``"resnet101"``, ``"resnet50"`` or ``"tiny"`` (tests); dilated, output stride 8.
+        trunk: ``"resnet101"``, ``"resnet50"``, ``"tiny"`` (tests), or ``"clip"``: a trainable copy of the guide
+            CLIP's image tower (a ModifiedResNet, with its ``pretrained`` weights; see
+            :class:`DilatedCLIPResNetTrunk`), for worlds without ImageNet weights such as ShapesWorld. Dilated,
+            output stride 8.
         trunk_checkpoint: Local torchvision ResNet weights (None: random trunk; never downloaded).
         guide: ``"maskclip"`` or None (no pseudo-labels: supervised on the GT).
         unseen_classes: Unseen class names, or a shipped split name (``"voc"``, ``"context"``, ``"cocostuff"``).
@@ -501,10 +547,15 @@ def build_maskclip_plus(
         text = torch.zeros(len(class_names), text_embedding_width(loaded.model))
     else:
         text = class_text_embeddings(loaded, class_names, templates)
-    body = build_trunk(trunk)
+    if trunk == "clip":
+        if not hasattr(loaded.model.visual, "attnpool"):
+            raise ValueError(f"trunk='clip' needs a CLIP ResNet image tower; {clip_model} has none")
+        body = DilatedCLIPResNetTrunk(loaded.model.visual)
+    else:
+        body = build_trunk(trunk)
     if trunk_checkpoint is not None:
         load_trunk_checkpoint(body, trunk_checkpoint)
-    elif trunk != "tiny" and not from_checkpoint:
+    elif trunk not in ("tiny", "clip") and not from_checkpoint:
         logger.warning(
             "MaskCLIP+ target trunk %s starts from random weights: pass trunk_checkpoint=PATH (a torchvision "
             "ImageNet state dict) to start from ImageNet weights as the paper does",
@@ -551,6 +602,7 @@ __all__ = [
     "PROTOCOLS",
     "ASPPv2",
     "DeepLabV3PlusHead",
+    "DilatedCLIPResNetTrunk",
     "DilatedResNetTrunk",
     "MaskCLIPGuide",
     "MaskCLIPPlus",

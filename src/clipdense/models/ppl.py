@@ -700,6 +700,7 @@ def build_ppl(
     pos_interpolation: str = "bilinear",
     fpn_channels: int = 256,
     head_channels: int | None = None,
+    avg_non_ignore: bool = False,
 ) -> PPLSegmentor:
     """Build a PPL segmentor (see :func:`~clipdense.models.registry.create_model` and
     :func:`~clipdense.models.segmentors.build_denseclip` for the common arguments).
@@ -717,7 +718,7 @@ def build_ppl(
             False: mu = w, as the paper's eq. 6).
         context_decoder_layers: Layers of that context decoder (3).
         decoder_dropout: Dropout of the probabilistic/context decoders; default ``dropout``.
-        mc_inference, eval_seed: See :class:`PPLSegmentor`.
+        mc_inference, eval_seed, avg_non_ignore: See :class:`PPLSegmentor`.
     """
     class_names = check_classes(class_names, num_classes, need_names=True)
     loaded = load_clip(clip_model, pretrained)
@@ -769,6 +770,7 @@ def build_ppl(
         mc_inference=mc_inference,
         eval_seed=eval_seed,
         score_concat_index=index,
+        avg_non_ignore=avg_non_ignore,
     )
 
 

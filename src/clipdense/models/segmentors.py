@@ -246,6 +246,7 @@ def build_denseclip(
     timm_model: str | None = None,
     backbone_pretrained: bool | str | os.PathLike | None = None,
     timm_kwargs: dict | None = None,
+    avg_non_ignore: bool = False,
 ) -> DenseCLIPSegmentor:
     """Build a DenseCLIP segmentor (see :func:`~clipdense.models.registry.create_model` for the common arguments).
 
@@ -269,6 +270,8 @@ def build_denseclip(
         backbone_pretrained: timm weights: False, True (timm's), or a local checkpoint path; None
             follows ``pretrained`` (random when it is None, timm's weights otherwise).
         timm_kwargs: Extra ``timm.create_model`` arguments.
+        avg_non_ignore: Average the losses over labelled pixels only (False, the authors' mmseg 0.x: over all
+            pixels, which scales the gradient by the labelled share; see :func:`segmentation_cross_entropy`).
     """
     class_names = check_classes(class_names, num_classes, need_names=True)
     loaded = load_clip(clip_model, pretrained)
@@ -321,6 +324,7 @@ def build_denseclip(
         tau=tau,
         aux_weight=aux_weight,
         score_concat_index=index,
+        avg_non_ignore=avg_non_ignore,
     )
 
 
@@ -339,6 +343,7 @@ def build_clip_fpn(
     pos_interpolation: str = "bilinear",
     fpn_channels: int = 256,
     head_channels: int | None = None,
+    avg_non_ignore: bool = False,
 ) -> CLIPFPNSegmentor:
     """Build the CLIP + Semantic FPN baseline: CLIP's image trunk without its pool or projection.
 
@@ -351,7 +356,7 @@ def build_clip_fpn(
         visual, False, input_resolution, drop_path, out_indices, class_embedding_twice, pos_interpolation
     )
     neck, head = build_decoder(decoder, list(backbone.out_channels), k, fpn_channels, head_channels, dropout)
-    return CLIPFPNSegmentor(backbone, neck, head, num_classes=k, class_names=class_names)
+    return CLIPFPNSegmentor(backbone, neck, head, num_classes=k, class_names=class_names, avg_non_ignore=avg_non_ignore)
 
 
 @register_model

@@ -73,8 +73,8 @@ class ReportBudget:
     val_scenes: int = 100
     image_size: int = 128
     seg_iters: int = 300
-    mcp_iters: int = 200
-    det_iters: int = 200
+    mcp_iters: int = 300
+    det_iters: int = 300
     batch_size: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)
     close_gap: float = 2.0
