@@ -112,7 +112,13 @@ def write_shapes_coco(root, num_train=24, num_val=8, seed=0):
 
 
 # Small torchvision detector settings for CPU tests: 128 px inputs, a 32-wide FPN, few RPN proposals and RoI samples.
-TINY_DETECTOR = {"clip_model": "tiny-RN", "input_resolution": None, "min_size": 128, "max_size": 160, "fpn_channels": 32}
+TINY_DETECTOR = {
+    "clip_model": "tiny-RN",
+    "input_resolution": None,
+    "min_size": 128,
+    "max_size": 160,
+    "fpn_channels": 32,
+}
 TINY_RCNN = {"rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 64}
 
 

@@ -165,6 +165,14 @@ def test_losses_equal_independent_cross_entropy():
     torch.testing.assert_close(losses["decode"], decode)
     all_ignored = model.losses(out, torch.full((2, 64, 96), 255))
     assert all(v.item() == 0 for v in all_ignored.values())
+    # avg_non_ignore=True (the ShapesWorld configs): the mean over labelled pixels only
+    share = (labels != 255).float().mean()
+    for name in ("denseclip_fpn_rn50", "clip_fpn_rn50", "ppl_fpn_rn50"):
+        assert tiny(name, avg_non_ignore=True).avg_non_ignore and not tiny(name).avg_non_ignore
+    model.avg_non_ignore = True
+    labelled = model.losses(out, labels)
+    torch.testing.assert_close(labelled["decode"] * share, decode)
+    torch.testing.assert_close(labelled["aux_identity"] * share, aux)
 
 
 def test_text_encoder_frozen_while_contexts_and_gamma_train():

@@ -33,7 +33,13 @@ def test_summary_and_verdicts():
     assert rows[1]["spread"] is None
     (v,) = verdicts(rows)
     assert v["statement"] == "DenseCLIP RetinaNet > CLIP RetinaNet" and v["holds"] is True
-    assert (v["higher"], v["lower"]) == (13.0, 11.0)
+    assert (v["higher"], v["lower"]) == (13.0, 11.0) and v["within_spread"] is True  # gap 2.0, spread 2.0
+    rows[1]["mean"] = 13.5  # a gap of 2.5, outside the baseline's seed spread
+    assert verdicts(rows)[0]["within_spread"] is False
+    chance = [{"claim": "ppl", "name": "PPL entropy as an error detector", "metric": "AUROC", "mean": 0.53,
+               "spread": None}]  # fmt: skip
+    (v,) = [v for v in verdicts(chance) if v["statement"].endswith("(AUROC > 0.5)")]
+    assert (v["higher"], v["lower"], v["holds"]) == (0.53, 0.5, True)
 
 
 def test_quick_report_on_a_tiny_setting(tmp_path, monkeypatch, capsys):
