@@ -64,11 +64,14 @@ def _timed(fn, device: str) -> float:
 
 
 def measure_pair(classes: int, batch: int, device: str, repeats: int) -> list[dict]:
-    """CoOp and PLOT timed alternately in one process, so that load changes on the machine hit both alike."""
+    """CoOp and PLOT timed alternately in one process, so that load changes on the machine hit both alike.
+
+    All inference rounds run before the training rounds: ``train()`` drops the text-feature cache, which the first
+    (untimed, warm-up) inference round builds."""
     fns = {m: _setup(m, classes, batch, device) for m in ("coop", "plot")}
     times = {(m, k): [] for m in fns for k in ("train", "infer")}
-    for i in range(repeats + 1):  # the first round warms up
-        for kind, pos in (("train", 0), ("infer", 1)):
+    for kind, pos in (("infer", 1), ("train", 0)):
+        for i in range(repeats + 1):  # the first round warms up
             for m in fns:
                 ms = _timed(fns[m][pos], device)
                 if i:
