@@ -372,7 +372,8 @@ def test_clip_trunk_is_a_dilated_copy_of_the_guide_tower():
     assert len(trunk_state) == len(tower)  # every tower weight but the attention pool's, and nothing else
     assert all(torch.equal(a, b) for a, b in zip(trunk_state.values(), tower.values(), strict=True))
     assert not {p.data_ptr() for p in trunk.parameters()} & {p.data_ptr() for p in visual.parameters()}
-    trunk.eval(), visual.eval()
+    trunk.eval()
+    visual.eval()
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         low, high = trunk(x)

@@ -108,18 +108,20 @@ def pseudo_labels(
 
 
 class DilatedResNetTrunk(nn.Module):
-    """A torchvision ResNet with the last two strides replaced by dilation (output stride 8).
+    """A ResNet with the last two strides replaced by dilation (output stride 8).
 
     Args:
-        resnet: A torchvision ``ResNet`` built with ``replace_stride_with_dilation=[False, True, True]``.
+        resnet: A torchvision ``ResNet`` built with ``replace_stride_with_dilation=[False, True, True]``, or any
+            module whose ``layer1`` .. ``layer4`` are already dilated (see :func:`dilated_clip_trunk`).
+        stem: The layers before ``layer1`` (default: torchvision's conv1, bn1, relu, maxpool of ``resnet``).
 
     Attributes:
         out_channels: Channels of (layer1, layer4).
     """
 
-    def __init__(self, resnet: ResNet) -> None:
+    def __init__(self, resnet: nn.Module, stem: nn.Module | None = None) -> None:
         super().__init__()
-        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.stem = stem if stem is not None else nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         self.out_channels = (_last_channels(self.layer1), _last_channels(self.layer4))
 
@@ -134,7 +136,7 @@ class DilatedResNetTrunk(nn.Module):
         return low, self.layer4(self.layer3(self.layer2(low)))
 
 
-class DilatedCLIPResNetTrunk(nn.Module):
+def dilated_clip_trunk(visual: nn.Module) -> DilatedResNetTrunk:
     """A CLIP ModifiedResNet image tower (its weights, without the attention pool) made output-stride 8 the way
     DeepLab dilates a ResNet: layer3 and layer4 lose their 2x2 average-pool downsampling and their 3x3 convolutions
     dilate by 2 and 4 (the first block of each keeps the previous rate, as torchvision's
@@ -142,38 +144,20 @@ class DilatedCLIPResNetTrunk(nn.Module):
 
     Args:
         visual: An ``open_clip`` ``ModifiedResNet`` (copied, so the guide's tower stays untouched).
-
-    Attributes:
-        out_channels: Channels of (layer1, layer4).
     """
-
-    def __init__(self, visual: nn.Module) -> None:
-        super().__init__()
-        visual = copy.deepcopy(visual)
-        self.stem = nn.Sequential(
-            visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2, visual.act2,
-            visual.conv3, visual.bn3, visual.act3, visual.avgpool,
-        )  # fmt: skip
-        self.layer1, self.layer2, self.layer3, self.layer4 = visual.layer1, visual.layer2, visual.layer3, visual.layer4
-        for layer, rate in ((self.layer3, 2), (self.layer4, 4)):
-            for i, block in enumerate(layer):
-                block.avgpool = nn.Identity()
-                if block.downsample is not None:
-                    block.downsample[0] = nn.Identity()  # open_clip names the shortcut's pool "-1"
-                    block.downsample = nn.Sequential(*(m for m in block.downsample if not isinstance(m, nn.Identity)))
-                d = rate // 2 if i == 0 else rate
-                block.conv2.dilation, block.conv2.padding = (d, d), (d, d)
-        self.out_channels = (self.layer1[-1].bn3.num_features, self.layer4[-1].bn3.num_features)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args:
-            images: B x 3 x H x W (CLIP-normalised).
-
-        Returns:
-            (B x C1 x H/4 x W/4 low-level features, B x C4 x H/8 x W/8 high-level features).
-        """
-        low = self.layer1(self.stem(images))
-        return low, self.layer4(self.layer3(self.layer2(low)))
+    visual = copy.deepcopy(visual)
+    for layer, rate in ((visual.layer3, 2), (visual.layer4, 4)):
+        for i, block in enumerate(layer):
+            block.avgpool = nn.Identity()
+            if block.downsample is not None:  # open_clip's shortcut starts with its pool (named "-1")
+                block.downsample = nn.Sequential(*(m for m in block.downsample if not isinstance(m, nn.AvgPool2d)))
+            d = rate // 2 if i == 0 else rate
+            block.conv2.dilation, block.conv2.padding = (d, d), (d, d)
+    stem = nn.Sequential(
+        visual.conv1, visual.bn1, visual.act1, visual.conv2, visual.bn2, visual.act2,
+        visual.conv3, visual.bn3, visual.act3, visual.avgpool,
+    )  # fmt: skip
+    return DilatedResNetTrunk(visual, stem)
 
 
 def _last_channels(layer: nn.Sequential) -> int:
@@ -510,7 +494,7 @@ def build_maskclip_plus(
         head: ``"deeplabv2"`` (ASPP 6/12/18/24) or ``"deeplabv3plus"``.
         trunk: ``"resnet101"``, ``"resnet50"``, ``"tiny"`` (tests), or ``"clip"``: a trainable copy of the guide
             CLIP's image tower (a ModifiedResNet, with its ``pretrained`` weights; see
-            :class:`DilatedCLIPResNetTrunk`), for worlds without ImageNet weights such as ShapesWorld. Dilated,
+            :func:`dilated_clip_trunk`), for worlds without ImageNet weights such as ShapesWorld. Dilated,
             output stride 8.
         trunk_checkpoint: Local torchvision ResNet weights (None: random trunk; never downloaded).
         guide: ``"maskclip"`` or None (no pseudo-labels: supervised on the GT).
@@ -550,7 +534,7 @@ def build_maskclip_plus(
     if trunk == "clip":
         if not hasattr(loaded.model.visual, "attnpool"):
             raise ValueError(f"trunk='clip' needs a CLIP ResNet image tower; {clip_model} has none")
-        body = DilatedCLIPResNetTrunk(loaded.model.visual)
+        body = dilated_clip_trunk(loaded.model.visual)
     else:
         body = build_trunk(trunk)
     if trunk_checkpoint is not None:
@@ -602,11 +586,11 @@ __all__ = [
     "PROTOCOLS",
     "ASPPv2",
     "DeepLabV3PlusHead",
-    "DilatedCLIPResNetTrunk",
     "DilatedResNetTrunk",
     "MaskCLIPGuide",
     "MaskCLIPPlus",
     "build_maskclip_plus",
     "build_trunk",
+    "dilated_clip_trunk",
     "pseudo_labels",
 ]
