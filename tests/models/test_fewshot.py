@@ -138,6 +138,43 @@ def test_prompt_layouts():
     assert plot.text_features().shape == (12, 32)
 
 
+@pytest.mark.parametrize("name", ["coop_rn50", "plot_rn50"])
+def test_shared_prefix_encoding_equals_the_whole_prompts(name, monkeypatch):
+    """The text encoder runs [SOT] + contexts once per prompt set: features and context gradients are those of the
+    whole (N*C) prompts, and the fallback (blocks it cannot split) gives the same."""
+    model = _model(name).double().train()
+    pl, enc = model.prompt_learner, model.text_encoder
+    weights = torch.randn(pl.n_prompts * 3, 32, dtype=torch.float64)
+
+    def features_and_grad(fn):
+        text = fn()
+        return text.detach(), torch.autograd.grad((text * weights).sum(), pl.ctx)[0]
+
+    def whole():
+        return F.normalize(enc(pl(enc.token_embedding(pl.token_ids)), pl.eot_index), dim=-1)
+
+    shared, shared_grad = features_and_grad(model.text_features)
+    ref, ref_grad = features_and_grad(whole)
+    torch.testing.assert_close(shared, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(shared_grad, ref_grad, atol=1e-12, rtol=1e-9)
+    assert enc.can_share_prefix
+    monkeypatch.setattr(type(enc), "can_share_prefix", property(lambda self: False))
+    fallback, _ = features_and_grad(model.text_features)
+    torch.testing.assert_close(fallback, ref, atol=1e-12, rtol=0)
+
+
+def test_coop_text_features_match_open_clip():
+    """Contexts set to the embeddings of "a photo of a" give open_clip's encode_text of "a photo of a <name>."."""
+    import open_clip
+
+    model = _model("coop_rn50", ctx_init="a photo of a")
+    torch.manual_seed(0)
+    clip = open_clip.create_model("tiny-RN").eval()
+    with torch.no_grad():
+        ref = clip.encode_text(open_clip.get_tokenizer("tiny-RN")([f"a photo of a {n}." for n in NAMES]))
+        torch.testing.assert_close(model.text_features(), F.normalize(ref, dim=-1), atol=1e-5, rtol=0)
+
+
 def test_ctx_init_from_words():
     model = _model("coop_rn50", ctx_init="a photo of a")
     pl = model.prompt_learner

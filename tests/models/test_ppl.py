@@ -53,16 +53,16 @@ def test_attribute_prompts_encoded_in_one_batched_call():
     assert enc.contexts.shape == (3, 8, 32) and enc.contexts.requires_grad
     assert all(not p.requires_grad for p in enc.encoder.parameters())
     calls = []
-    original = enc.encoder.forward
+    original = enc.encoder.forward_shared_prefix
 
-    def counting(x, eot):
-        calls.append(x.shape[0])
-        return original(x, eot)
+    def counting(prefix, suffix, eot):
+        calls.append((prefix.shape[0], suffix.shape[0]))
+        return original(prefix, suffix, eot)
 
-    enc.encoder.forward = counting
+    enc.encoder.forward_shared_prefix = counting
     w = enc()
-    assert w.shape == (3, 4, 32) and calls == [12]  # K * C sequences, one pass
-    del enc.encoder.forward
+    assert w.shape == (3, 4, 32) and calls == [(3, 4)]  # K context sets x C class names, one pass
+    del enc.encoder.forward_shared_prefix
     single = ContextTextEncoder(clip, ids, learn_contexts=False)  # DenseCLIP's encoder, one context set at a time
     with torch.no_grad():
         for k in range(3):

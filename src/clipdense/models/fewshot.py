@@ -218,6 +218,26 @@ class PromptLearner(nn.Module):
             out = torch.stack(rows, dim=1)
         return out.reshape(n * k, *out.shape[2:])
 
+    def split_shared_prefix(self, token_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prompts as a prefix shared by all classes and per-class suffixes, when they have one.
+
+        With unified contexts and the class name at the end, prompt set n's prompts all begin with [SOT] + its
+        contexts: :meth:`FrozenCLIPTextEncoder.forward_shared_prefix` runs that prefix once instead of C times.
+
+        Args:
+            token_embeddings: C x L x width embeddings of ``token_ids``.
+
+        Returns:
+            (N x (1 + n_ctx) x width prefixes, C x (L - 1 - n_ctx) x width suffixes), or None for class-specific
+            contexts and class names elsewhere than at the end.
+        """
+        if self.class_token_position != "end" or self.ctx.shape[1] != 1:
+            return None
+        n = self.n_prompts
+        sot = token_embeddings[:1, :1].expand(n, -1, -1)
+        prefix = torch.cat([sot, self.ctx[:, 0].to(token_embeddings.dtype)], dim=1)
+        return prefix, token_embeddings[:, 1 + self.n_ctx :]
+
 
 # ------------------------------------------------------------------------------------------- classifiers
 
@@ -270,9 +290,13 @@ class _PromptClassifier(nn.Module):
         if self.text_cache is not None:
             return self.text_cache
         pl = self.prompt_learner
-        embedded = self.text_encoder.token_embedding(pl.token_ids)
-        prompts = pl(embedded.to(self.text_encoder.positional_embedding.dtype))
-        return F.normalize(self.text_encoder(prompts, pl.eot_index), dim=-1)
+        embedded = self.text_encoder.token_embedding(pl.token_ids).to(self.text_encoder.positional_embedding.dtype)
+        split = pl.split_shared_prefix(embedded)
+        if split is not None:
+            text = self.text_encoder.forward_shared_prefix(*split, pl.token_ids.argmax(dim=-1)).flatten(0, 1)
+        else:
+            text = self.text_encoder(pl(embedded), pl.eot_index)
+        return F.normalize(text, dim=-1)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The learned state (contexts and prompt token ids): all that a run must keep besides the CLIP weights."""

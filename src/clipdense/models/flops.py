@@ -60,7 +60,7 @@ def count_flops(model: nn.Module, size: tuple[int, int] = (1024, 1024)) -> dict[
     total = counter.get_total_flops()
     text_flops = 0
     if text is not None:
-        suffix = ".text_encoder.encoder"
+        suffix = ".text_encoder"
         for name, ops in counter.get_flop_counts().items():
             if name.endswith(suffix):
                 text_flops = sum(ops.values())
