@@ -1,14 +1,18 @@
-"""PLOT vs CoOp: training-step and inference time on the same batch and device (target: PLOT <= 1.10x CoOp).
+"""PLOT vs CoOp (and CoCoOp): training-step and inference time on the same batch and device (target: PLOT <= 1.10x
+CoOp).
 
 Usage:
-    python benchmarks/fewshot_speed.py [--classes 10 100] [--batch 8] [--device cpu] [--repeats 5]
+    python benchmarks/fewshot_speed.py [--classes 10 100] [--batch 8] [--methods coop plot cocoop] [--device cpu]
+        [--repeats 5]
 
 RN50-sized random weights (open_clip ``RN50``, ``pretrained=None``: timing does not depend on the weights), 224 px.
 A training step is forward + cross-entropy + backward + SGD step (CoOp: C prompts through the text encoder; PLOT:
-4 x C prompts, the dense attention pool and the Sinkhorn plans); inference runs with the text features cached (both
-methods' text side is constant after training). CoOp and PLOT are timed alternately in one process, so that load
-on the machine hits both alike; peak memory is measured in a separate process per method (peak resident memory on
-CPU, peak allocated memory on CUDA) over one training step and one inference. Times are medians.
+4 x C prompts, the dense attention pool and the Sinkhorn plans; CoCoOp: B x C prompts, one set per image); the
+shared [SOT] + contexts prefix runs once per prompt set. Inference runs with the text features cached (CoOp's and
+PLOT's text side is constant after training; CoCoOp's depends on the image, so it runs the text encoder). The
+methods are timed alternately in one process, so that load on the machine hits them alike; peak memory is measured
+in a separate process per method (peak resident memory on CPU, peak allocated memory on CUDA) over one training
+step and one inference. Times are medians; ratios are to CoOp.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ def _setup(method: str, classes: int, batch: int, device: str):
     model = create_model(f"{method}_rn50", class_names=names, pretrained=None, clip_model="RN50").to(device)
     images = torch.randn(batch, 3, 224, 224, device=device)
     labels = torch.randint(0, classes, (batch,), device=device)
-    opt = torch.optim.SGD([model.prompt_learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
+    params = [p for p in model.parameters() if p.requires_grad]  # the contexts (and CoCoOp's meta-net)
+    opt = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
 
     def train_step():
         model.train()
@@ -63,12 +68,12 @@ def _timed(fn, device: str) -> float:
     return 1000 * (time.perf_counter() - t)
 
 
-def measure_pair(classes: int, batch: int, device: str, repeats: int) -> list[dict]:
-    """CoOp and PLOT timed alternately in one process, so that load changes on the machine hit both alike.
+def measure(methods: list[str], classes: int, batch: int, device: str, repeats: int) -> list[dict]:
+    """The methods timed alternately in one process, so that load changes on the machine hit them alike.
 
     All inference rounds run before the training rounds: ``train()`` drops the text-feature cache, which the first
     (untimed, warm-up) inference round builds."""
-    fns = {m: _setup(m, classes, batch, device) for m in ("coop", "plot")}
+    fns = {m: _setup(m, classes, batch, device) for m in methods}
     times = {(m, k): [] for m in fns for k in ("train", "infer")}
     for kind, pos in (("infer", 1), ("train", 0)):
         for i in range(repeats + 1):  # the first round warms up
@@ -101,6 +106,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, nargs="+", default=[10, 100])
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--methods", nargs="+", choices=("coop", "plot", "cocoop"), default=["coop", "plot", "cocoop"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -115,7 +121,8 @@ def main() -> None:
         return
     rows = []
     for classes in args.classes:
-        for row in measure_pair(classes, args.batch, args.device, args.repeats):
+        for row in measure(["coop", *(m for m in args.methods if m != "coop")], classes, args.batch, args.device,
+                           args.repeats):  # fmt: skip
             cmd = [sys.executable, __file__, "--memory", row["method"], str(classes), "--batch", str(args.batch),
                    "--device", args.device]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

@@ -35,6 +35,8 @@ def test_train_eval_classify(data, tmp_path, capsys):
     report = json.loads((run / "eval_test.json").read_text())
     assert report["num_images"] == 9 and set(report["per_class"]) == {"red thing", "green thing", "blue thing"}
     assert "top-1" in capsys.readouterr().out
+    assert main(["fewshot", "eval", str(run), "--classes", "new"]) == 1  # needs loadable CLIP weights
+    assert "random CLIP weights" in capsys.readouterr().err and not (run / "eval_test_new.json").exists()
     image = data / "dtd" / "images" / "red_thing" / "test_0.png"
     out = tmp_path / "classes.json"
     assert main(["classify", str(image), "--checkpoint", str(run), "--top-k", "2", "--out", str(out)]) == 0

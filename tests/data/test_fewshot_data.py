@@ -9,10 +9,13 @@ from PIL import Image
 
 from clipdense.data.fewshot import (
     LAYOUTS,
+    Datum,
+    FewShotSplits,
     export_shapesworld_fewshot,
     few_shot_splits,
     read_fewshot_dataset,
     sample_few_shot,
+    subsample_classes,
 )
 from fewshot_data import write_split_dataset
 
@@ -110,6 +113,23 @@ def test_same_draw_for_coop_and_plot(tmp_path):
                                          "data.shots=2", "train.seed=3"])  # fmt: skip
         draws.append(prepare_splits(cfg))
     assert draws[0].train == draws[1].train and draws[0].val == draws[1].val
+
+
+def test_base_to_new_classes_are_dassls():
+    """Dassl's subsample_classes: the first ceil(C/2) labels are base, the rest new, relabelled from 0."""
+    names = ["a", "b", "c", "d", "e"]
+
+    def items(split):
+        return [Datum(f"{split}/{n}_{i}.png", label, n) for label, n in enumerate(names) for i in range(2)]
+
+    full = FewShotSplits(items("train"), items("val"), items("test"), names)
+    base, new = subsample_classes(full, "base"), subsample_classes(full, "new")
+    assert base.class_names == ["a", "b", "c"] and new.class_names == ["d", "e"]
+    assert [(d.label, d.classname) for d in new.test] == [(0, "d"), (0, "d"), (1, "e"), (1, "e")]
+    assert len(base.train) == 6 and {d.classname for d in base.val} == {"a", "b", "c"}
+    assert subsample_classes(full, "all") is full
+    with pytest.raises(ValueError, match="class subset"):
+        subsample_classes(full, "novel")
 
 
 def test_shapesworld_export(tmp_path):

@@ -18,7 +18,9 @@ def _model(name, **kw):
 
 
 def test_registered():
-    assert {"coop_rn50", "coop_vitb16", "plot_rn50", "plot_vitb16"} <= set(list_models())
+    assert {"coop_rn50", "coop_vitb16", "cocoop_rn50", "cocoop_vitb16", "plot_rn50", "plot_vitb16"} <= set(
+        list_models()
+    )
 
 
 def _random_problems(seed, p=6, m=7, n=4):
@@ -191,12 +193,15 @@ def test_random_init_std():
     assert abs(ctx.std().item() - 0.02) < 0.003 and abs(ctx.mean().item()) < 0.003
 
 
-@pytest.mark.parametrize("name", ["coop_rn50", "plot_rn50", "plot_vitb16"])
+@pytest.mark.parametrize("name", ["coop_rn50", "plot_rn50", "plot_vitb16", "cocoop_vitb16"])
 def test_a_step_trains_only_the_contexts(name):
-    """Gradients reach only the contexts; CLIP (weights and BatchNorm statistics) is bit-identical after a step."""
+    """Gradients reach only the contexts (and CoCoOp's meta-net); CLIP (weights and BatchNorm statistics) is
+    bit-identical after a step."""
     model = _model(name).train()
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_learner.ctx"]
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("prompt_learner.ctx")}
+    meta = [f"meta_net.linear{i}.{p}" for i in (1, 2) for p in ("weight", "bias")] if "cocoop" in name else []
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_learner.ctx", *meta]
+    learned = ("prompt_learner.ctx", "meta_net.")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(learned)}
     ctx = model.prompt_learner.ctx.detach().clone()
     opt = torch.optim.SGD([model.prompt_learner.ctx], lr=0.1, momentum=0.9, weight_decay=5e-4)
     size = model.image_size
@@ -209,6 +214,44 @@ def test_a_step_trains_only_the_contexts(name):
         if k in frozen:
             assert torch.equal(v, frozen[k]), k
     assert all(not m.training for m in model.frozen_modules())
+
+
+def test_cocoop_with_a_zero_meta_net_is_zero_shot_clip():
+    """CoCoOp's contexts start as "a photo of a"; with the meta-net's shift zeroed its logits are zero-shot CLIP's
+    (open_clip's encode_text and encode_image)."""
+    import open_clip
+
+    model = _model("cocoop_rn50").eval()
+    net = model.meta_net
+    assert model.prompt_learner.n_ctx == 4
+    assert (net.linear1.in_features, net.linear1.out_features, net.linear2.out_features) == (32, 2, 32)  # D, D/16
+    torch.manual_seed(0)
+    clip = open_clip.create_model("tiny-RN").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        net.linear2.weight.zero_()
+        net.linear2.bias.zero_()
+        text = F.normalize(clip.encode_text(open_clip.get_tokenizer("tiny-RN")([f"a photo of a {n}." for n in NAMES])))
+        ref = clip.logit_scale.exp() * F.normalize(clip.encode_image(images)) @ text.t()
+        torch.testing.assert_close(model(images), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_cocoop_prompts_are_per_image():
+    """Each image gets its own prompts (a batch equals its images one at a time); nothing is cached."""
+    model = _model("cocoop_vitb16").eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.meta_net.linear2.weight, std=1.0)
+        images = torch.randn(3, 3, model.image_size, model.image_size)
+        feats = model.image_features(images)
+        text = model.text_features(feats)
+        batch = model(images)
+        single = torch.cat([model(images[i : i + 1]) for i in range(3)])
+    assert text.shape == (3, 3, 32) and not torch.allclose(text[0], text[1], atol=1e-3)
+    torch.testing.assert_close(batch, single, atol=1e-5, rtol=1e-5)
+    assert model.cache_text_features() is None and model.text_cache is None
+    for bad in ({"class_specific": True}, {"class_token_position": "front"}):
+        with pytest.raises(ValueError, match="shared by the classes"):
+            _model("cocoop_rn50", **bad)
 
 
 def test_text_cache():

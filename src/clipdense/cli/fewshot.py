@@ -28,7 +28,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory written by `clipdense fewshot train`")
     p.add_argument("--split", choices=("test", "val"), default="test", help="test split, or the run's k-shot val")
     p.add_argument("--root", default=None, help="$DATA (default: the run's data.root)")
-    p.add_argument("--out", default=None, help="JSON report (default: RUN/eval_<split>.json)")
+    p.add_argument(
+        "--classes",
+        choices=("all", "base", "new"),
+        default=None,
+        help="class subset (default: the "
+        "run's data.subsample_classes); a run trained on base classes with `new` is CoCoOp's base-to-new",
+    )
+    p.add_argument("--out", default=None, help="JSON report (default: RUN/eval_<split>[_<classes>].json)")
     add_device_arg(p)
     p.set_defaults(func=cmd_eval)
 
@@ -86,8 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from clipdense.evaluation.fewshot import evaluate_fewshot_run
 
     run = _check_run(args.run)
-    out = check_output(args.out, folder=False) if args.out else run / f"eval_{args.split}.json"
-    report = evaluate_fewshot_run(run, args.device, split=args.split, root=args.root)
+    default = f"eval_{args.split}_{args.classes}.json" if args.classes else f"eval_{args.split}.json"
+    out = check_output(args.out, folder=False) if args.out else run / default
+    report = evaluate_fewshot_run(run, args.device, split=args.split, root=args.root, classes=args.classes)
     print(report.format())
     write_json(out, report.to_dict())
     print(f"saved {out}")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -273,6 +273,35 @@ def few_shot_splits(full: FewShotSplits, shots: int, seed: int, dataset: str = "
     return FewShotSplits(train, val, full.test, full.class_names)
 
 
+#: CoCoOp's class subsets (``base``: the first ceil(C/2) labels, ``new``: the rest).
+SUBSAMPLES: tuple[str, ...] = ("all", "base", "new")
+
+
+def subsample_classes(splits: FewShotSplits, which: str) -> FewShotSplits:
+    """CoCoOp's base-to-new split (Dassl's ``subsample_classes``), applied after the k-shot draw.
+
+    The labels in order: the first ceil(C/2) are the base classes, the others the new ones; items of the other
+    subset are dropped from every split and the kept labels renumbered from 0.
+
+    Args:
+        splits: The (k-shot) splits.
+        which: ``all`` (unchanged), ``base`` or ``new``.
+    """
+    if which not in SUBSAMPLES:
+        raise ValueError(f"unknown class subset {which!r}; use one of {SUBSAMPLES}")
+    if which == "all":
+        return splits
+    c = len(splits.class_names)
+    half = (c + 1) // 2
+    kept = range(half) if which == "base" else range(half, c)
+    relabel = {old: new for new, old in enumerate(kept)}
+
+    def sub(items: Sequence[Datum]) -> list[Datum]:
+        return [replace(d, label=relabel[d.label]) for d in items if d.label in relabel]
+
+    return FewShotSplits(sub(splits.train), sub(splits.val), sub(splits.test), [splits.class_names[i] for i in kept])
+
+
 class ImageItems(Dataset):
     """Images and labels of a list of :class:`Datum`.
 
@@ -358,6 +387,7 @@ __all__ = [
     "LAYOUTS",
     "Datum",
     "DatasetLayout",
+    "SUBSAMPLES",
     "FewShotSplits",
     "ImageItems",
     "export_shapesworld_fewshot",
@@ -365,4 +395,5 @@ __all__ = [
     "read_fewshot_dataset",
     "read_split_file",
     "sample_few_shot",
+    "subsample_classes",
 ]

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from clipdense.data.fewshot import Datum, ImageItems, few_shot_splits, read_fewshot_dataset
-from clipdense.inference.fewshot import FewShotConfig, eval_transform, load_fewshot_run
+from clipdense.data.fewshot import Datum, ImageItems, few_shot_splits, read_fewshot_dataset, subsample_classes
+from clipdense.inference.fewshot import FewShotConfig, eval_transform, load_fewshot_config, load_fewshot_run
 
 
 @dataclass
@@ -88,13 +88,13 @@ def evaluate_classifier(
     )
 
 
-def _split_items(cfg: FewShotConfig, split: str, root: str | None) -> tuple[list[Datum], list[str]]:
+def _split_items(cfg: FewShotConfig, split: str, root: str | None, classes: str) -> tuple[list[Datum], list[str]]:
+    if split not in ("test", "val"):
+        raise ValueError(f"unknown split {split!r}; use 'test' or 'val'")
     full = read_fewshot_dataset(cfg.data.dataset, root or cfg.data.root)
-    if split == "test":
-        return full.test, full.class_names
-    if split == "val":  # the k-shot validation split of the run's seed
-        return few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset).val, full.class_names
-    raise ValueError(f"unknown split {split!r}; use 'test' or 'val'")
+    splits = few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset)  # val: the run's k-shot val
+    splits = subsample_classes(splits, classes)
+    return (splits.test if split == "test" else splits.val), splits.class_names
 
 
 def evaluate_fewshot_run(
@@ -103,6 +103,7 @@ def evaluate_fewshot_run(
     split: str = "test",
     root: str | None = None,
     progress: bool = True,
+    classes: str | None = None,
 ) -> ClassificationReport:
     """Evaluate a ``clipdense fewshot train`` run on its dataset's test split (or its k-shot val split).
 
@@ -112,11 +113,17 @@ def evaluate_fewshot_run(
         split: ``test`` (the papers' numbers) or ``val``.
         root: ``$DATA`` (default: the run's ``data.root``).
         progress: Show a progress bar.
+        classes: Class subset (``all``, ``base``, ``new``); default: the run's ``data.subsample_classes``. A run
+            trained on the base classes evaluated on ``new`` gives CoCoOp's base-to-new number.
     """
-    model, cfg = load_fewshot_run(run_dir, device)
-    items, names = _split_items(cfg, split, root)
-    if names != cfg.model.class_names:
+    if not (Path(run_dir) / "config.yaml").is_file():
+        load_fewshot_run(run_dir)  # raises its error for a folder that is not a run directory
+    cfg = load_fewshot_config(Path(run_dir) / "config.yaml")
+    items, names = _split_items(cfg, split, root, classes or cfg.data.subsample_classes)
+    trained_on = classes is None or classes == cfg.data.subsample_classes
+    if trained_on and names != cfg.model.class_names:
         raise ValueError(f"the classes of {cfg.data.dataset} under {root or cfg.data.root} differ from the run's")
+    model, cfg = load_fewshot_run(run_dir, device, class_names=None if trained_on else names)
     return evaluate_classifier(model, items, names, device, cfg.train.eval_batch_size, cfg.data.workers, progress)
 
 
@@ -132,7 +139,7 @@ def evaluate_zeroshot(
     from clipdense.clip.text import class_text_embeddings
     from clipdense.models.fewshot import ZeroShotClassifier
 
-    items, names = _split_items(cfg, "test", root)
+    items, names = _split_items(cfg, "test", root, cfg.data.subsample_classes)
     clip_name = cfg.model.overrides.get("clip_model", "ViT-B-16" if "vitb16" in cfg.model.name else "RN50")
     loaded = load_clip(clip_name, cfg.model.pretrained, device=device)
     text = class_text_embeddings(loaded, [n.replace("_", " ") for n in names], [template]).to(device)

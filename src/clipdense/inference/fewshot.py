@@ -1,10 +1,12 @@
-"""Few-shot classification runs (CoOp, Zhou et al. IJCV 2022; PLOT, Chen et al. ICLR 2023): their config, the
-recipe rules of the reference code, CLIP preprocessing, and rebuilding a trained classifier from its run directory.
+"""Few-shot classification runs (CoOp, Zhou et al. IJCV 2022; CoCoOp, CVPR 2022; PLOT, Chen et al. ICLR 2023): their
+config, the recipe rules of the reference code, CLIP preprocessing, and rebuilding a trained classifier from its run
+directory.
 
 A few-shot run directory (``clipdense fewshot train``) is laid out as a segmentation run's (see
 :mod:`clipdense.runs`): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_*/{model.safetensors,state.pt}``
-and ``latest``. The checkpoint holds the learned contexts only (``prompt_learner.*``) when CLIP's weights can be
-loaded again from ``model.pretrained``; with random CLIP weights (``pretrained: null``, tests) it holds every weight.
+and ``latest``. The checkpoint holds the learned part only (``prompt_learner.*``, and CoCoOp's ``meta_net.*``) when
+CLIP's weights can be loaded again from ``model.pretrained``; with random CLIP weights (``pretrained: null``, tests)
+it holds every weight.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 
 from clipdense.checkpoints import load_state_dict_strict, skip_init
 from clipdense.config import ConfigError, _build, _merge, _plain, _read_yaml, parse_overrides
-from clipdense.data.fewshot import LAYOUTS
+from clipdense.data.fewshot import LAYOUTS, SUBSAMPLES
 from clipdense.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class FewShotModelConfig:
     """Attributes:
-    name: ``coop_rn50``, ``plot_rn50``, ``coop_vitb16``, ``plot_vitb16`` (see ``clipdense.list_models("coop_*")``).
+    name: ``coop_rn50``, ``plot_rn50``, ``cocoop_vitb16``, ... (``clipdense.list_models("*coop_*")``,
+        ``list_models("plot_*")``).
     pretrained: CLIP weights: an open_clip tag, a local file, or null for random weights.
     overrides: Builder options (``clip_model``, ``n_ctx``, ``ctx_init``, ``class_specific``,
         ``class_token_position``, ``n_prompts``, ``eps``, ``max_iter``, ``thresh``, ``global_logits``).
@@ -52,6 +55,8 @@ class FewShotDataConfig:
     dataset: One of :data:`clipdense.data.fewshot.LAYOUTS` (the 11 CoOp datasets, or ``shapesworld``).
     root: ``$DATA``, the folder holding the dataset folders (``caltech-101/``, ...).
     shots: Training images per class (1, 2, 4, 8, 16).
+    subsample_classes: ``all``, or CoCoOp's base-to-new setting: train on the ``base`` half of the classes
+        (:func:`clipdense.data.fewshot.subsample_classes`), then evaluate with ``--classes new``.
     crop_scale: Area range of the training random resized crop (Dassl's ``random_resized_crop``: 0.08..1).
     flip: Random horizontal flips in training (Dassl's ``random_flip``).
     workers: DataLoader workers.
@@ -60,6 +65,7 @@ class FewShotDataConfig:
     dataset: str = "caltech101"
     root: str = "data"
     shots: int = 16
+    subsample_classes: str = "all"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     workers: int = 4
@@ -88,7 +94,7 @@ class FewShotOptimConfig:
 class FewShotTrainConfig:
     """Attributes:
     epochs: Epochs; null: the reference's rule (:func:`official_epochs`: 50 for 1 shot, 100 for 2/4, 200 for 8/16,
-        50 on ImageNet).
+        50 on ImageNet; CoCoOp 10).
     batch_size: Images per step; null: the reference's (:func:`official_batch_size`). A training set smaller than
         a batch is one batch per epoch (Dassl drops the last incomplete batch only when there is a full one).
     seed: Seed of the k-shot draw, the context initialisation and the data order (1, 2, 3).
@@ -144,6 +150,8 @@ def load_fewshot_config(path: str | Path | None = None, overrides: Sequence[str]
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")
+    if cfg.data.subsample_classes not in SUBSAMPLES:
+        raise ConfigError(f"data.subsample_classes={cfg.data.subsample_classes!r}: use one of {', '.join(SUBSAMPLES)}")
     low, high = cfg.data.crop_scale
     if not 0 < low <= high <= 1:
         raise ConfigError(f"data.crop_scale={list(cfg.data.crop_scale)}: needs 0 < low <= high <= 1")
@@ -158,8 +166,11 @@ def save_fewshot_config(cfg: FewShotConfig, path: str | Path) -> None:
 # ------------------------------------------------------------------------------------------- the reference's rules
 
 
-def official_epochs(shots: int, dataset: str) -> int:
-    """Epochs of the CoOp/PLOT scripts: 50 for 1 shot, 100 for 2 and 4, 200 otherwise; 50 on ImageNet."""
+def official_epochs(shots: int, dataset: str, model_name: str = "") -> int:
+    """Epochs of the CoOp/PLOT scripts: 50 for 1 shot, 100 for 2 and 4, 200 otherwise; 50 on ImageNet. CoCoOp's
+    configs (``vit_b16_c4_ep10_batch1_ctxv1``): 10."""
+    if model_name.startswith("cocoop"):
+        return 10
     if dataset == "imagenet":
         return 50
     return 50 if shots == 1 else 100 if shots in (2, 4) else 200
@@ -170,7 +181,10 @@ PLOT_SMALL_BATCH_DATASETS = ("oxford_flowers", "fgvc_aircraft", "stanford_cars")
 
 
 def official_batch_size(model_name: str, dataset: str) -> int:
-    """Batch of the reference configs: CoOp 32; PLOT 128, but 32 on Flowers102, FGVCAircraft and StanfordCars."""
+    """Batch of the reference configs: CoOp 32; CoCoOp 1; PLOT 128, but 32 on Flowers102, FGVCAircraft and
+    StanfordCars."""
+    if model_name.startswith("cocoop"):
+        return 1
     if model_name.startswith("plot") and dataset not in PLOT_SMALL_BATCH_DATASETS:
         return 128
     return 32
@@ -229,23 +243,35 @@ def saves_clip(cfg: FewShotConfig) -> bool:
 
 
 def checkpoint_module(model: nn.Module, cfg: FewShotConfig) -> nn.Module:
-    """The module whose state a checkpoint holds: the whole model, or its prompt learner (see :func:`saves_clip`)."""
+    """The module whose state a checkpoint holds: the whole model, or its learned part (see :func:`saves_clip`)."""
     return model if saves_clip(cfg) else _Trainable(model)
 
 
 class _Trainable(nn.Module):
-    """A view of a classifier whose ``state_dict`` is the prompt learner's under ``prompt_learner.``."""
+    """A view of a classifier whose ``state_dict`` is its learned part: the prompt learner (``prompt_learner.``)
+    and CoCoOp's meta-net (``meta_net.``)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.prompt_learner = model.prompt_learner
+        if hasattr(model, "meta_net"):
+            self.meta_net = model.meta_net
 
 
-def load_fewshot_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, FewShotConfig]:
+def load_fewshot_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", class_names: Sequence[str] | None = None
+) -> tuple[nn.Module, FewShotConfig]:
     """Rebuild a trained classifier from its run directory (eval mode, text features cached).
+
+    Args:
+        run_dir: The run directory.
+        device: Device.
+        class_names: Classify among these classes instead of the run's (CoCoOp's base-to-new evaluation). The
+            learned contexts must be shared by the classes, and CLIP's weights loadable (``model.pretrained``).
 
     Raises:
         FileNotFoundError: Not a few-shot run directory, or no checkpoint yet.
+        ValueError: ``class_names`` for a run with class-specific contexts or random CLIP weights.
     """
     from safetensors.torch import load_file
 
@@ -261,21 +287,28 @@ def load_fewshot_run(run_dir: str | Path, device: str | torch.device = "cpu") ->
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing)")
     if not cfg.model.class_names:
         raise ValueError(f"{run_dir}/config.yaml names no classes (model.class_names)")
+    names = list(class_names) if class_names is not None else cfg.model.class_names
+    if names != cfg.model.class_names and saves_clip(cfg):
+        raise ValueError(f"{run_dir} trained on random CLIP weights (model.pretrained: null): they cannot be loaded "
+                         "for other classes")  # fmt: skip
     loading_logger = logging.getLogger("clipdense.clip.loading")
     level = loading_logger.level
     try:
         if saves_clip(cfg):
             loading_logger.setLevel(logging.ERROR)  # every weight comes from the checkpoint
             with skip_init():
-                model = build_fewshot_model(cfg, cfg.model.class_names, pretrained=None)
+                model = build_fewshot_model(cfg, names, pretrained=None)
         else:
-            model = build_fewshot_model(cfg, cfg.model.class_names)
+            model = build_fewshot_model(cfg, names)
     finally:
         loading_logger.setLevel(level)
+    state = load_file(str(folder / "model.safetensors"))
+    if names != cfg.model.class_names:
+        if state["prompt_learner.ctx"].shape[1] != 1:
+            raise ValueError(f"{run_dir} learned class-specific contexts: they do not carry over to other classes")
+        state["prompt_learner.token_ids"] = model.prompt_learner.token_ids  # the new classes' prompts
     hint = "the run's config and checkpoint disagree: was config.yaml edited?"
-    load_state_dict_strict(
-        checkpoint_module(model, cfg), load_file(str(folder / "model.safetensors")), str(folder), hint
-    )
+    load_state_dict_strict(checkpoint_module(model, cfg), state, str(folder), hint)
     model = model.to(device).eval()
     model.cache_text_features()
     return model, cfg

@@ -12,7 +12,7 @@ registered name.
 from clipdense.models.backbones import AttentionPool, CLIPResNetBackbone, CLIPViTBackbone, TimmBackbone
 from clipdense.models.decoders import FPN, FPNHead, UperNetHead
 from clipdense.models.detectors import CLIPDetector, GuidedFPN
-from clipdense.models.fewshot import PLOT, CoOp, PromptLearner
+from clipdense.models.fewshot import PLOT, CoCoOp, CoOp, PromptLearner
 from clipdense.models.flops import count_flops, count_parameters
 from clipdense.models.guidance import LanguageGuidance
 from clipdense.models.maskclip_plus import (
@@ -36,6 +36,7 @@ __all__ = [
     "CLIPDetector",
     "CLIPFPNSegmentor",
     "CLIPResNetBackbone",
+    "CoCoOp",
     "CoOp",
     "CLIPViTBackbone",
     "ContextDecoder",

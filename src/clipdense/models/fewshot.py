@@ -1,23 +1,26 @@
-"""PLOT (Chen et al., ICLR 2023) and CoOp (Zhou et al., IJCV 2022): few-shot prompt learning for CLIP classification.
+"""PLOT (Chen et al., ICLR 2023), CoOp (Zhou et al., IJCV 2022) and CoCoOp (Zhou et al., CVPR 2022): few-shot
+prompt learning for CLIP classification.
 
 CoOp learns ``n_ctx`` context vectors that replace a hand-written template ("a photo of a") in front of each class
 name; the frozen CLIP text encoder turns the C prompts into class embeddings, compared with the global image
-feature by cosine similarity. PLOT learns N such prompt sets and compares the N text features of a class with
-CLIP's M *local* image features (the attention pool at every position for ResNets, the projected patch tokens for
-ViTs) by entropic optimal transport: cost 1 - cos, Sinkhorn with uniform marginals, the plan held constant for
-back-propagation, logit = exp(logit_scale) * sum_mn T_mn cos_mn.
+feature by cosine similarity. CoCoOp shifts the contexts per image by a small meta-net of the image feature. PLOT
+learns N such prompt sets and compares the N text features of a class with CLIP's M *local* image features (the
+attention pool at every position for ResNets, the projected patch tokens for ViTs) by entropic optimal transport:
+cost 1 - cos, Sinkhorn with uniform marginals, the plan held constant for back-propagation,
+logit = exp(logit_scale) * sum_mn T_mn cos_mn.
 
 Where the papers leave a detail open, the authors' code decides (``CHENGY12/PLOT`` ``plot-coop/trainers/plot.py``,
-``KaiyangZhou/CoOp`` ``trainers/coop.py``): prompts "X X ... X <name>." with the Xs' embeddings replaced, text
-features N-major (prompt set, then class), the Sinkhorn loop and its stopping rule (:func:`sinkhorn`), CLIP frozen
-and in eval mode (only the contexts are trained; BatchNorm statistics stay CLIP's), no global-feature term except
-for ImageNet (``global_logits``).
+``KaiyangZhou/CoOp`` ``trainers/coop.py`` and ``trainers/cocoop.py``): prompts "X X ... X <name>." with the Xs'
+embeddings replaced, text features N-major (prompt set, then class), the Sinkhorn loop and its stopping rule
+(:func:`sinkhorn`), CLIP frozen and in eval mode (only the contexts, and CoCoOp's meta-net, are trained; BatchNorm
+statistics stay CLIP's), no global-feature term except for ImageNet (``global_logits``).
 
 Everything here is a pure ``nn.Module``; the builders load CLIP through :func:`clipdense.clip.loading.load_clip`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -298,10 +301,6 @@ class _PromptClassifier(nn.Module):
             text = self.text_encoder(pl(embedded), pl.eot_index)
         return F.normalize(text, dim=-1)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The learned state (contexts and prompt token ids): all that a run must keep besides the CLIP weights."""
-        return {f"prompt_learner.{k}": v for k, v in self.prompt_learner.state_dict().items()}
-
 
 class CoOp(_PromptClassifier):
     """CoOp: learned prompts against CLIP's global image feature.
@@ -334,6 +333,61 @@ class CoOp(_PromptClassifier):
             B x C logits exp(logit_scale) * cos(image, class prompt).
         """
         return self.logit_scale.exp() * self.image_features(images) @ self.text_features().t()
+
+
+class CoCoOp(CoOp):
+    """CoCoOp (Zhou et al., CVPR 2022): CoOp's contexts shifted per image by a meta-net of its global feature.
+
+    As the official ``trainers/cocoop.py``: pi = meta_net(f) with f the l2-normalised global image feature,
+    meta_net = Linear(D, D/16) -> ReLU -> Linear(D/16, width), and every context vector becomes ctx + pi; so each
+    image has its own C prompts, and the text encoder runs per image (in training and inference: there are no
+    constant text features to cache). The shared [SOT] + contexts prefix runs once per image, not once per class.
+
+    Args:
+        clip_model: open_clip ``CLIP`` (frozen).
+        prompt_learner: One prompt set of unified contexts with the class name at the end (CoCoOp: 4 contexts
+            initialised from "a photo of a").
+    """
+
+    def __init__(self, clip_model: nn.Module, prompt_learner: PromptLearner) -> None:
+        super().__init__(clip_model, prompt_learner)
+        if prompt_learner.ctx.shape[1] != 1 or prompt_learner.class_token_position != "end":
+            raise ValueError("CoCoOp's contexts are shared by the classes (not class-specific) and the class name "
+                             "is at the end (class_token_position='end')")  # fmt: skip
+        dim, width = clip_model.visual.output_dim, prompt_learner.ctx.shape[-1]
+        self.meta_net = nn.Sequential(
+            OrderedDict(
+                linear1=nn.Linear(dim, dim // 16), relu=nn.ReLU(inplace=True), linear2=nn.Linear(dim // 16, width)
+            )
+        )
+
+    def cache_text_features(self) -> None:
+        """Nothing to cache: CoCoOp's text features depend on the image."""
+        return None
+
+    def text_features(self, image_features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """B x D normalised image features -> B x C x D l2-normalised features of each image's prompts."""
+        pl = self.prompt_learner
+        embedded = self.text_encoder.token_embedding(pl.token_ids).to(self.text_encoder.positional_embedding.dtype)
+        prefix, suffix = pl.split_shared_prefix(embedded)  # 1 x (1 + n_ctx) x width: [SOT] + contexts
+        shift = self.meta_net(image_features.to(prefix.dtype))[:, None].expand(-1, pl.n_ctx, -1)
+        prefix = prefix + F.pad(shift, (0, 0, 1, 0))  # B x (1 + n_ctx) x width; SOT unshifted
+        text = self.text_encoder.forward_shared_prefix(prefix, suffix, pl.token_ids.argmax(dim=-1))
+        return F.normalize(text, dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Args:
+            images: B x 3 x H x W normalised images.
+
+        Returns:
+            B x C logits exp(logit_scale) * cos(image, the image's prompt of the class).
+        """
+        feats = self.image_features(images)
+        if torch.is_grad_enabled():
+            text = self.text_features(feats)
+        else:  # bound the B x C prompts of one pass (evaluation batches of 100 images x 1000 ImageNet classes)
+            text = torch.cat([self.text_features(f) for f in feats.split(max(1, 4096 // self.num_classes))])
+        return self.logit_scale.exp() * torch.einsum("bd,bcd->bc", feats.to(text.dtype), text)
 
 
 class PLOT(_PromptClassifier):
@@ -427,7 +481,7 @@ class ZeroShotClassifier(nn.Module):
 # ------------------------------------------------------------------------------------------- builders
 
 #: Few-shot methods and the model class of each.
-METHODS: dict[str, type[_PromptClassifier]] = {"coop": CoOp, "plot": PLOT}
+METHODS: dict[str, type[_PromptClassifier]] = {"coop": CoOp, "cocoop": CoCoOp, "plot": PLOT}
 
 
 def build_prompt_classifier(
@@ -446,11 +500,11 @@ def build_prompt_classifier(
     max_iter: int = 100,
     thresh: float = 1e-2,
     global_logits: bool = False,
-) -> CoOp | PLOT:
-    """Build CoOp or PLOT over a CLIP model.
+) -> CoOp | CoCoOp | PLOT:
+    """Build CoOp, CoCoOp or PLOT over a CLIP model.
 
     Args:
-        method: ``coop`` or ``plot``.
+        method: ``coop``, ``cocoop`` or ``plot``.
         class_names: C class names (required: the prompts contain them).
         num_classes: C, checked against the names.
         pretrained: CLIP weights (see :func:`clipdense.clip.loading.load_clip`).
@@ -481,8 +535,8 @@ def build_prompt_classifier(
         n_prompts=n_prompts,
         ctx_std=ctx_std,
     )
-    if method == "coop":
-        out: CoOp | PLOT = CoOp(model, learner)
+    if method in ("coop", "cocoop"):
+        out: CoOp | CoCoOp | PLOT = METHODS[method](model, learner)
     else:
         out = PLOT(model, learner, eps=eps, max_iter=max_iter, thresh=thresh, global_logits=global_logits)
     out.image_size, out.image_mean, out.image_std = loaded.image_size, tuple(loaded.mean), tuple(loaded.std)
@@ -502,6 +556,18 @@ def coop_vitb16(**kw) -> CoOp:
 
 
 @register_model
+def cocoop_rn50(**kw) -> CoCoOp:
+    """CoCoOp over CLIP RN50 (4 contexts from "a photo of a", shifted per image by the meta-net)."""
+    return build_prompt_classifier("cocoop", **{"clip_model": "RN50", "n_ctx": 4, "ctx_init": "a photo of a", **kw})
+
+
+@register_model
+def cocoop_vitb16(**kw) -> CoCoOp:
+    """CoCoOp over CLIP ViT-B/16, the paper's model (4 contexts from "a photo of a")."""
+    return build_prompt_classifier("cocoop", **{"clip_model": "ViT-B-16", "n_ctx": 4, "ctx_init": "a photo of a", **kw})
+
+
+@register_model
 def plot_rn50(**kw) -> PLOT:
     """PLOT over CLIP RN50 (N = 4 prompt sets of 16 contexts; 49 local features at 224 px)."""
     return build_prompt_classifier("plot", **{"clip_model": "RN50", **kw})
@@ -517,6 +583,7 @@ __all__ = [
     "CLASS_TOKEN_POSITIONS",
     "METHODS",
     "PLOT",
+    "CoCoOp",
     "CoOp",
     "PromptLearner",
     "ZeroShotClassifier",

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from clipdense.data.fewshot import ImageItems, export_shapesworld_fewshot, few_shot_splits, read_fewshot_dataset
+from clipdense.data.fewshot import (
+    ImageItems,
+    export_shapesworld_fewshot,
+    few_shot_splits,
+    read_fewshot_dataset,
+    subsample_classes,
+)
 from clipdense.fileio import atomic_write_json
 from clipdense.inference.fewshot import (
     FewShotConfig,
@@ -58,11 +64,13 @@ class _Stop(Exception):
 
 
 def prepare_splits(cfg: FewShotConfig):
-    """The k-shot splits of the config's dataset and seed (the ShapesWorld split is generated on first use)."""
+    """The k-shot splits of the config's dataset, seed and class subset (the ShapesWorld split is generated on first
+    use)."""
     if cfg.data.dataset == "shapesworld":
         export_shapesworld_fewshot(cfg.data.root)
     full = read_fewshot_dataset(cfg.data.dataset, cfg.data.root)
-    return few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset)
+    splits = few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset)
+    return subsample_classes(splits, cfg.data.subsample_classes)
 
 
 def _check_resume(run_dir, cfg: FewShotConfig) -> None:
@@ -97,7 +105,7 @@ def train_fewshot(
     cfg.model.class_names = list(splits.class_names)
     if ckpt is not None:
         _check_resume(run_dir, cfg)
-    epochs = cfg.train.epochs or official_epochs(cfg.data.shots, cfg.data.dataset)
+    epochs = cfg.train.epochs or official_epochs(cfg.data.shots, cfg.data.dataset, cfg.model.name)
     batch = min(cfg.train.batch_size or official_batch_size(cfg.model.name, cfg.data.dataset), len(splits.train))
     steps_per_epoch = len(splits.train) // batch
     total = epochs * steps_per_epoch
