@@ -119,14 +119,21 @@ def main() -> None:
     if args.memory:
         print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]), args.batch, args.device)))
         return
-    rows = []
+    methods = ["coop", *(m for m in args.methods if m != "coop")]
+    # Memory first: a child's peak resident memory starts from its parent's at the fork (Linux keeps the high-water
+    # mark across exec), so the parent must not hold the timing runs' models yet.
+    peaks = {}
     for classes in args.classes:
-        for row in measure(["coop", *(m for m in args.methods if m != "coop")], classes, args.batch, args.device,
-                           args.repeats):  # fmt: skip
-            cmd = [sys.executable, __file__, "--memory", row["method"], str(classes), "--batch", str(args.batch),
+        for method in methods:
+            cmd = [sys.executable, __file__, "--memory", method, str(classes), "--batch", str(args.batch),
                    "--device", args.device]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows.append({**row, "peak_mib": json.loads(out.strip().splitlines()[-1])})
+            peaks[(method, classes)] = json.loads(out.strip().splitlines()[-1])
+    rows = [
+        {**row, "peak_mib": peaks[(row["method"], classes)]}
+        for classes in args.classes
+        for row in measure(methods, classes, args.batch, args.device, args.repeats)
+    ]
     print(f"RN50 (random weights), 224 px, batch {args.batch}, device {args.device}, median of {args.repeats}")
     print("| method | classes | train step ms | inference ms | train ratio | inference ratio | peak memory MiB |")
     print("|---|---|---|---|---|---|---|")
