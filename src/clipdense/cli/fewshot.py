@@ -32,8 +32,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--classes",
         choices=("all", "base", "new"),
         default=None,
-        help="class subset (default: the "
-        "run's data.subsample_classes); a run trained on base classes with `new` is CoCoOp's base-to-new",
+        help="class subset (default: the run's data.subsample_classes); `new` on a run trained on `base` is "
+        "CoCoOp's base-to-new",
     )
     p.add_argument("--out", default=None, help="JSON report (default: RUN/eval_<split>[_<classes>].json)")
     add_device_arg(p)
