@@ -254,23 +254,27 @@ def sample_few_shot(items: Sequence[Datum], shots: int, rng: random.Random) -> l
     return out
 
 
-def few_shot_splits(full: FewShotSplits, shots: int, seed: int, dataset: str = "") -> FewShotSplits:
+def few_shot_splits(
+    full: FewShotSplits, shots: int, seed: int, dataset: str = "", classes: str = "all"
+) -> FewShotSplits:
     """The k-shot splits of one seed, as the CoOp/PLOT code draws them.
 
     One ``random.Random(seed)`` draws ``shots`` training items per class, then ``min(shots, 4)`` validation items
     per class (ImageNet's validation set is its test set and is not subsampled). Dassl draws from the global
-    generator right after ``random.seed(seed)``, which gives the same sequence.
+    generator right after ``random.seed(seed)``, which gives the same sequence. The class subset is taken after
+    the draw, as Dassl does (:func:`subsample_classes`).
 
     Args:
         full: All items (:func:`read_fewshot_dataset`).
         shots: k (1, 2, 4, 8, 16).
         seed: The run's seed (1, 2, 3).
         dataset: The dataset's name (``imagenet`` keeps its validation set whole).
+        classes: ``all``, or CoCoOp's ``base`` / ``new`` half of the classes.
     """
     rng = random.Random(seed)
     train = sample_few_shot(full.train, shots, rng)
     val = full.val if dataset == "imagenet" else sample_few_shot(full.val, min(shots, 4), rng)
-    return FewShotSplits(train, val, full.test, full.class_names)
+    return subsample_classes(FewShotSplits(train, val, full.test, full.class_names), classes)
 
 
 #: CoCoOp's class subsets (``base``: the first ceil(C/2) labels, ``new``: the rest).

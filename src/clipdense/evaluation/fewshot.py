@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from clipdense.data.fewshot import Datum, ImageItems, few_shot_splits, read_fewshot_dataset, subsample_classes
+from clipdense.data.fewshot import Datum, ImageItems, few_shot_splits, read_fewshot_dataset
 from clipdense.inference.fewshot import FewShotConfig, eval_transform, load_fewshot_config, load_fewshot_run
 
 
@@ -92,8 +92,7 @@ def _split_items(cfg: FewShotConfig, split: str, root: str | None, classes: str)
     if split not in ("test", "val"):
         raise ValueError(f"unknown split {split!r}; use 'test' or 'val'")
     full = read_fewshot_dataset(cfg.data.dataset, root or cfg.data.root)
-    splits = few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset)  # val: the run's k-shot val
-    splits = subsample_classes(splits, classes)
+    splits = few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset, classes)  # val: the run's
     return (splits.test if split == "test" else splits.val), splits.class_names
 
 

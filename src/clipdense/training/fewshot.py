@@ -19,13 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from clipdense.data.fewshot import (
-    ImageItems,
-    export_shapesworld_fewshot,
-    few_shot_splits,
-    read_fewshot_dataset,
-    subsample_classes,
-)
+from clipdense.data.fewshot import ImageItems, export_shapesworld_fewshot, few_shot_splits, read_fewshot_dataset
 from clipdense.fileio import atomic_write_json
 from clipdense.inference.fewshot import (
     FewShotConfig,
@@ -69,8 +63,7 @@ def prepare_splits(cfg: FewShotConfig):
     if cfg.data.dataset == "shapesworld":
         export_shapesworld_fewshot(cfg.data.root)
     full = read_fewshot_dataset(cfg.data.dataset, cfg.data.root)
-    splits = few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset)
-    return subsample_classes(splits, cfg.data.subsample_classes)
+    return few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset, cfg.data.subsample_classes)
 
 
 def _check_resume(run_dir, cfg: FewShotConfig) -> None:
