@@ -45,6 +45,7 @@ class Row:
     targets: dict[str, float]  # "cold s", "warm s", "peak GB" -> upper bound on this CPU
     images: int = 1  # > 1: a folder of that many copies
     checkpoint: str | None = None  # a MaskCLIP+ run (--checkpoint) at this --precision
+    shapes_model: str | None = None  # a shipped ShapesWorld CLIP on a ShapesWorld scene of `size`, its defaults
 
 
 ROWS = {
@@ -55,6 +56,9 @@ ROWS = {
     "folder50-20-ensemble": Row(20, "ensemble", (640, 480), {}, images=50),
     "maskclip+-fp32": Row(20, "", (500, 375), {"warm s": 10.0}, checkpoint="fp32"),
     "maskclip+-bf16": Row(20, "", (500, 375), {"warm s": 10.0}, checkpoint="bf16"),
+    # the shipped models on one 128 px scene (the default `segment` a new user runs): ViT <= 1.2x RN (issue 27)
+    "shapes-rn-128": Row(57, "", (128, 128), {}, shapes_model="ShapesCLIP-RN"),
+    "shapes-vit-128": Row(57, "", (128, 128), {}, shapes_model="ShapesCLIP-ViT"),
 }
 
 
@@ -106,6 +110,22 @@ def test_image(path: Path, size: tuple[int, int]) -> Path:
     return path
 
 
+def shapes_scene(path: Path, size: int) -> Path:
+    """A held-out ShapesWorld scene of ``size`` px."""
+    from clipdense.data.shapesworld import EVAL_SEED_OFFSET, ShapesWorldConfig, generate_scene
+
+    if not path.is_file():
+        Image.fromarray(generate_scene(EVAL_SEED_OFFSET + 7, ShapesWorldConfig(image_size=size)).image).save(path)
+    return path
+
+
+def shapes_classes() -> str:
+    """``background`` (the textures as synonyms) and the 56 ShapesWorld classes, as --classes takes them."""
+    from clipdense.data.shapesworld import BACKGROUNDS, class_names
+
+    return "; ".join([", ".join(["background"] + [f"{b} background" for b in BACKGROUNDS]), *class_names()])
+
+
 def run_segment(args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
     """Wall seconds, peak RSS (GB), exit code and stdout of one ``clipdense segment`` process."""
     start = time.perf_counter()
@@ -138,6 +158,8 @@ def main() -> None:
     for name in args.rows:
         row = ROWS[name]
         image = test_image(args.work / f"image_{row.size[0]}x{row.size[1]}.jpg", row.size)
+        if row.shapes_model:
+            image = shapes_scene(args.work / f"scene_{row.size[0]}.png", row.size[0])
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
             env = {**os.environ, "CLIPDENSE_CACHE": cache}
             env.pop("CLIPDENSE_NO_CACHE", None)
@@ -150,7 +172,9 @@ def main() -> None:
                 inputs = [str(folder)]
             cli = [*command, "segment", *inputs, "--out", str(Path(out) / "out"), "--device", args.device,
                    "--max-pixels", "0"]  # fmt: skip
-            if row.checkpoint:
+            if row.shapes_model:
+                cli += ["--model", row.shapes_model, "--classes", shapes_classes()]
+            elif row.checkpoint:
                 run_dir = maskclip_plus_run(args.work / "maskclip_plus_run")
                 cli += ["--checkpoint", str(run_dir), "--precision", row.checkpoint]
             else:

@@ -91,6 +91,57 @@ def overlay(
     return canvas
 
 
+def side_by_side(
+    image: torch.Tensor,
+    prediction: torch.Tensor,
+    truth: torch.Tensor,
+    class_names: list[str],
+    iou: dict[str, float],
+    title: str = "",
+    alpha: float = 0.55,
+) -> Image.Image:
+    """Scene | prediction | truth in one picture, with one legend of the classes and their IoU.
+
+    Args:
+        image: 3 x H x W uint8 RGB image.
+        prediction: H x W int64 predicted labels into ``class_names``.
+        truth: H x W int64 true labels into ``class_names``.
+        class_names: C names (a class named "background" is left unpainted).
+        iou: IoU (percent) of each class to list, by name, in legend order (classes missing here are not listed).
+        title: A line above the panels (e.g. the model and the scene's seed).
+        alpha: Opacity of the colour masks.
+
+    Returns:
+        The picture: three panels enlarged as :func:`overlay` enlarges, titled, and the legend to the right.
+    """
+    colours = palette(len(class_names))
+    panels = [overlay(image, torch.zeros_like(truth), ["background"], alpha, legend=False)]
+    panels += [overlay(image, labels, class_names, alpha, legend=False) for labels in (prediction, truth)]
+    pw, ph = panels[0].size
+    font_size = max(11, min(18, ph // 20))
+    font = ImageFont.load_default(size=font_size)
+    line, gap, top = font_size + 6, 8, (font_size + 10) * (2 if title else 1)
+    index = {name: c for c, name in enumerate(class_names)}
+    entries = [(index[name], f"{name.split(',')[0]}  IoU {value:.1f}%") for name, value in iou.items() if name in index]
+    legend_w = int(max((font.getlength(t) for _, t in entries), default=0)) + font_size + 24
+    width = 3 * pw + 2 * gap + legend_w + gap
+    canvas = Image.new("RGB", (width, max(top + ph, top + line * len(entries) + 6) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((gap, 4), title, fill=(0, 0, 0), font=font)
+    for i, (panel, name) in enumerate(zip(panels, ("scene", "prediction", "truth"), strict=True)):
+        x = i * (pw + gap)
+        draw.text((x + pw // 2 - font.getlength(name) / 2, top - font_size - 6), name, fill=(0, 0, 0), font=font)
+        canvas.paste(panel, (x, top))
+    x0 = 3 * pw + 3 * gap
+    for i, (c, text) in enumerate(entries):
+        y = top + i * line
+        fill = (128, 128, 128) if class_names[c].split(",")[0].strip().lower() == "background" else colours[c]
+        draw.rectangle([x0, y, x0 + font_size, y + font_size], fill=fill, outline=(0, 0, 0))
+        draw.text((x0 + font_size + 6, y - 1), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
 def heatmap(values: torch.Tensor, vmax: float | None = None) -> Image.Image:
     """An H x W map (e.g. per-pixel uncertainty) as a colour picture (black - red - yellow).
 

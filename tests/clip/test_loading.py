@@ -114,12 +114,12 @@ def test_random_weights_only_when_asked(tiny_configs, caplog):
     assert "random weights" in caplog.text
 
 
-def test_packaged_weights_are_found_and_checksummed(monkeypatch):
+@pytest.mark.parametrize("key", [("ShapesCLIP-RN", "shapesworld"), ("ShapesCLIP-ViT", "shapesworld")])
+def test_packaged_weights_are_found_and_checksummed(monkeypatch, key):
     from dataclasses import replace
 
     from clipdense.clip import loading
 
-    key = ("ShapesCLIP-RN", "shapesworld")
     shipped = loading.PACKAGED_WEIGHTS[key]
     clip = load_clip(*key)
     assert clip.inference == dict(shipped.inference) and clip.description == shipped.description
@@ -174,3 +174,22 @@ def test_skipped_initialisation_is_exact_and_restored(tiny_checkpoints):
     for key, value in reference.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
     assert torch.nn.Linear(64, 64).weight.std() > 0.01
+
+
+def test_a_tampered_packaged_file_is_refused(monkeypatch, tmp_path):
+    """A flipped byte inside the tensor data of the shipped ViT weights: refused at load, never used."""
+    from importlib import resources
+    from types import SimpleNamespace
+
+    from clipdense.clip import loading
+
+    key = ("ShapesCLIP-ViT", "shapesworld")
+    source = loading._verified_packaged_file(*key, loading.PACKAGED_WEIGHTS[key])
+    data = bytearray(source.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / source.name).write_bytes(bytes(data))
+    files = SimpleNamespace(files=lambda pkg: tmp_path if pkg == "clipdense" else resources.files(pkg))
+    monkeypatch.setattr(loading, "resources", SimpleNamespace(files=files.files, as_file=resources.as_file))
+    with pytest.raises(CLIPLoadError, match="damaged or was replaced"):
+        load_clip(*key)

@@ -264,3 +264,36 @@ def test_truncated_last_pt_is_a_clear_error(tmp_path):
     (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         train(_tiny_config(tmp_path))
+
+
+def test_vit_recipe_trains_a_vit_against_the_shipped_text_tower_locked(tmp_path):
+    """The `vit` recipe: ShapesCLIP-ViT's text tower starts as the shipped ShapesCLIP-RN's and stays fixed (LiT);
+    only the image tower and the logit scale train; the weights are saved under the architecture's name."""
+    from clipdense.clip.loading import load_clip
+
+    vit = config_from_args(["--recipe", "vit"])
+    assert (vit.model_name, vit.init_text_from, vit.lock_text) == ("ShapesCLIP-ViT", "ShapesCLIP-RN:shapesworld", True)
+    assert resolve_model_config(vit)["vision_cfg"] == {
+        "image_size": 128, "layers": 6, "width": 128, "head_width": 32, "patch_size": 8}  # fmt: skip
+    teacher = load_clip("ShapesCLIP-RN", "shapesworld").model.state_dict()
+    tiny_vit = {"vision_cfg": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 8}}
+    cfg = _tiny_config(tmp_path, **{k: getattr(vit, k) for k in ("model_name", "init_text_from", "lock_text")},
+                       model_overrides=tiny_vit, single_object_warmup_frac=0.0, locked_image_frac=0.0, steps=3,
+                       eval_images=0, eval_scenes=0)  # fmt: skip
+    result = train(cfg)
+    assert result.finished and result.weights_path == tmp_path / "shapesclip_vit.safetensors"
+    saved = load_file(result.weights_path)
+    text_keys = [k for k in teacher if not k.startswith("visual.") and k != "logit_scale"]
+    assert text_keys and all(torch.equal(saved[k], teacher[k].half()) for k in text_keys)  # locked all along
+    initial = create_model(cfg)  # the same seed: the initial image tower
+    assert not torch.equal(saved["visual.conv1.weight"], initial.state_dict()["visual.conv1.weight"].half())
+    clip = load_clip(f"local-dir:{tmp_path}", None)
+    assert not clip.is_resnet and clip.model.visual.patch_size == (8, 8)
+
+
+def test_text_init_that_does_not_fit_is_a_clear_error(tmp_path):
+    cfg = _tiny_config(tmp_path, init_text_from="ShapesCLIP-RN:shapesworld", lock_text=True)  # TINY: text width 32
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train(cfg)
+    with pytest.raises(ValueError, match="lock_text needs init_text_from"):
+        _tiny_config(tmp_path, lock_text=True)

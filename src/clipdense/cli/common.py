@@ -28,6 +28,8 @@ DEFAULT_PRETRAINED = "openai"
 #: The model of ``segment`` when no --model is given: the ShapesWorld CLIP that ships with the package,
 #: so that the main job works on a fresh install with no network.
 OFFLINE_MODEL, OFFLINE_PRETRAINED = "ShapesCLIP-RN", "shapesworld"
+#: The shipped ShapesWorld CLIPs (``--pretrained shapesworld``), the default first.
+SHAPES_MODELS = ("ShapesCLIP-RN", "ShapesCLIP-ViT")
 
 
 class CLIError(Exception):
@@ -202,7 +204,7 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODE
         "--pretrained",
         default=None,
         help="pretrained tag (openai, laion2b_s34b_b88k, ...) or a checkpoint file (.pt, .bin, .safetensors) "
-        f"(default: {OFFLINE_PRETRAINED} for {OFFLINE_MODEL}, {DEFAULT_PRETRAINED} otherwise)",
+        f"(default: {OFFLINE_PRETRAINED} for {', '.join(SHAPES_MODELS)}, {DEFAULT_PRETRAINED} otherwise)",
     )
     g.add_argument("--random-weights", action="store_true", help="use random weights (for smoke tests only)")
     g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default=None,
@@ -274,7 +276,7 @@ def model_source(args: argparse.Namespace) -> tuple[str, str | None]:
         return model, None
     if args.pretrained is not None:
         return model, args.pretrained
-    return model, OFFLINE_PRETRAINED if model == OFFLINE_MODEL else DEFAULT_PRETRAINED
+    return model, OFFLINE_PRETRAINED if model in SHAPES_MODELS else DEFAULT_PRETRAINED
 
 
 def segmenter_config(

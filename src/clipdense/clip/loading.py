@@ -112,7 +112,7 @@ def register_model_configs() -> None:
     """Make clipdense's own architectures (e.g. ``ShapesCLIP-RN``) known to open_clip."""
     cfg_dir = resources.files("clipdense.clip") / "model_configs"
     with resources.as_file(cfg_dir) as path:
-        if open_clip.get_model_config("ShapesCLIP-RN") is None:
+        if open_clip.get_model_config("ShapesCLIP-RN") is None or open_clip.get_model_config("ShapesCLIP-ViT") is None:
             open_clip.add_model_config(path)
 
 

@@ -25,7 +25,7 @@ stream and scene cache) and :mod:`~clipdense.data.shapesworld.export` (datasets 
 """
 
 from clipdense.data.shapesworld.config import BACKGROUNDS, COLOURS, SHAPES, SIZE_NAMES, ShapesWorldConfig, class_names
-from clipdense.data.shapesworld.export import export_coco, export_semantic, generate_dataset
+from clipdense.data.shapesworld.export import export_coco, export_semantic, generate_dataset, read_semantic_split
 from clipdense.data.shapesworld.scene import Scene, generate_scene, single_object_scene
 from clipdense.data.shapesworld.streams import (
     CLIP_SEED_OFFSET,
@@ -56,6 +56,7 @@ __all__ = [
     "generate_dataset",
     "generate_scene",
     "normalize_image",
+    "read_semantic_split",
     "render_scene_cache",
     "single_object_scene",
     "training_scene",

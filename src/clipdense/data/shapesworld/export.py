@@ -17,7 +17,7 @@ from clipdense.data.shapesworld.scene import generate_scene
 from clipdense.data.shapesworld.streams import TRAIN_SEED_OFFSET, VAL_SEED_OFFSET
 from clipdense.fileio import atomic_write_json
 
-__all__ = ["export_coco", "export_semantic", "generate_dataset"]
+__all__ = ["export_coco", "export_semantic", "generate_dataset", "read_semantic_split"]
 
 #: (ADE20K folder, COCO image folder, COCO split name, seed offset) of every exported split.
 _SPLITS = (
@@ -262,3 +262,37 @@ def generate_dataset(
     os.replace(partial, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def read_semantic_split(
+    root: str | Path, split: Literal["training", "validation"] = "validation", limit: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Reads the scenes of one split of a dataset written by :func:`generate_dataset` (semantic layout).
+
+    Args:
+        root: The dataset folder (``root/images/<split>/*.png`` and ``root/annotations/<split>/*.png``).
+        split: ``"training"`` or ``"validation"``.
+        limit: Read only the first this many scenes (file-name order); None: all.
+
+    Returns:
+        (H x W x 3 uint8 RGB image, H x W uint8 labels: 0 = background, i + 1 = class i) per scene, in
+        file-name order.
+
+    Raises:
+        FileNotFoundError: ``root`` has no such split, or an image has no annotation.
+    """
+    images_dir, labels_dir = Path(root) / "images" / split, Path(root) / "annotations" / split
+    images = sorted(images_dir.glob("*.png")) if images_dir.is_dir() else []
+    if not images:
+        raise FileNotFoundError(
+            f"no {split} scenes under {images_dir}: pass a folder written by `clipdense shapesworld generate` "
+            "(--format semantic or both)"
+        )
+    scenes = []
+    for path in images[:limit]:
+        label = labels_dir / path.name
+        if not label.is_file():
+            raise FileNotFoundError(f"{path} has no annotation {label}")
+        with Image.open(path) as im, Image.open(label) as lab:
+            scenes.append((np.array(im.convert("RGB")), np.array(lab)))
+    return scenes
