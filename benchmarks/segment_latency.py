@@ -56,9 +56,8 @@ ROWS = {
     "folder50-20-ensemble": Row(20, "ensemble", (640, 480), {}, images=50),
     "maskclip+-fp32": Row(20, "", (500, 375), {"warm s": 10.0}, checkpoint="fp32"),
     "maskclip+-bf16": Row(20, "", (500, 375), {"warm s": 10.0}, checkpoint="bf16"),
-    # the shipped models on one 128 px scene (the default `segment` a new user runs): ViT <= 1.2x RN (issue 27)
+    # the shipped model on one 128 px scene with the 56 classes and background (the `segment` a new user runs)
     "shapes-rn-128": Row(57, "", (128, 128), {}, shapes_model="ShapesCLIP-RN"),
-    "shapes-vit-128": Row(57, "", (128, 128), {}, shapes_model="ShapesCLIP-ViT"),
 }
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipdense.clip import CLIPLoadError, load_clip, read_state_dict
+from clipdense.clip.loading import PACKAGED_WEIGHTS
 
 
 def _same_weights(model, reference) -> bool:
@@ -114,7 +115,7 @@ def test_random_weights_only_when_asked(tiny_configs, caplog):
     assert "random weights" in caplog.text
 
 
-@pytest.mark.parametrize("key", [("ShapesCLIP-RN", "shapesworld"), ("ShapesCLIP-ViT", "shapesworld")])
+@pytest.mark.parametrize("key", list(PACKAGED_WEIGHTS))
 def test_packaged_weights_are_found_and_checksummed(monkeypatch, key):
     from dataclasses import replace
 
@@ -177,13 +178,13 @@ def test_skipped_initialisation_is_exact_and_restored(tiny_checkpoints):
 
 
 def test_a_tampered_packaged_file_is_refused(monkeypatch, tmp_path):
-    """A flipped byte inside the tensor data of the shipped ViT weights: refused at load, never used."""
+    """A flipped byte inside the tensor data of the shipped weights: refused at load, never used."""
     from importlib import resources
     from types import SimpleNamespace
 
     from clipdense.clip import loading
 
-    key = ("ShapesCLIP-ViT", "shapesworld")
+    key = ("ShapesCLIP-RN", "shapesworld")
     source = loading._verified_packaged_file(*key, loading.PACKAGED_WEIGHTS[key])
     data = bytearray(source.read_bytes())
     data[len(data) // 2] ^= 0x01

@@ -187,3 +187,11 @@ def test_evaluate_on_a_generated_folder(tmp_path, capsys):
     assert rows["oracle"]["miou_with_background"] == expected.miou_with_background
     assert main(["shapesworld", "evaluate", "--root", str(tmp_path / "none"), "--random-weights"]) == 2
     assert "shapesworld generate" in capsys.readouterr().err
+
+
+def test_shapes_models_are_the_shipped_ones():
+    from clipdense.cli.common import OFFLINE_MODEL, SHAPES_MODELS
+    from clipdense.clip.loading import PACKAGED_WEIGHTS
+
+    assert set(SHAPES_MODELS) == {name for name, tag in PACKAGED_WEIGHTS if tag == "shapesworld"}
+    assert SHAPES_MODELS[0] == OFFLINE_MODEL

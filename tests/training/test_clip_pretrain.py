@@ -297,3 +297,32 @@ def test_text_init_that_does_not_fit_is_a_clear_error(tmp_path):
         train(cfg)
     with pytest.raises(ValueError, match="lock_text needs init_text_from"):
         _tiny_config(tmp_path, lock_text=True)
+
+
+def test_distillation_adds_the_cosine_distances_to_the_teacher():
+    """Global term: 1 - cos to the teacher's image embedding; dense term: 1 - cos per teacher cell of the
+    student's MaskCLIP dense map average-pooled to the teacher's grid. A student that is its own teacher adds 0."""
+    from open_clip.loss import ClipLoss
+
+    from clipdense.clip.dense import dense_clip_encoder
+    from clipdense.training.clip_pretrain import _Objective
+
+    torch.manual_seed(0)
+    cfg = PretrainConfig(model_name="ShapesCLIP-ViT", image_size=32, model_overrides={
+        "vision_cfg": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 8}})  # fmt: skip
+    model, teacher = create_model(cfg).eval(), create_model(cfg).eval()
+    images, texts = torch.randn(4, 3, 32, 32), get_tokenizer(cfg)(["a red circle", "a blue star", "x", "y"])
+    with torch.no_grad():
+        image, text, scale = model(images, texts)
+        contrastive = ClipLoss()(image, text, scale)
+        assert torch.allclose(_Objective()(model, images, texts), contrastive)
+        assert torch.allclose(_Objective(model, 0.5, 2.0)(model, images, texts), contrastive, atol=1e-5)
+        target = teacher.encode_image(images, normalize=True)
+        glob = 0.5 * (1 - (image * target).sum(-1)).mean()
+        assert torch.allclose(_Objective(teacher, 0.5)(model, images, texts), contrastive + glob, atol=1e-5)
+        mine, theirs = (dense_clip_encoder(m.visual, "maskclip")(images).dense for m in (model, teacher))
+        dense = 2.0 * (1 - torch.nn.functional.cosine_similarity(mine, theirs, dim=1)).mean()  # same 4 x 4 grid
+        both = _Objective(teacher, 0.5, 2.0)(model, images, texts)
+        assert torch.allclose(both, contrastive + glob + dense, atol=1e-5)
+    with pytest.raises(ValueError, match="distill_from must be MODEL:TAG"):
+        PretrainConfig(distill_from="ShapesCLIP-RN")

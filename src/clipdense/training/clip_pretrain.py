@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
+from clipdense.clip.dense import dense_clip_encoder
 from clipdense.data.shapesworld import (
     CLIP_SEED_OFFSET,
     ShapesWorldCaptions,
@@ -110,6 +112,9 @@ _RESUME_KEYS = (
     "model_overrides",
     "init_text_from",
     "lock_text",
+    "distill_from",
+    "distill_weight",
+    "distill_dense_weight",
 )
 
 
@@ -170,6 +175,14 @@ class PretrainConfig:
         lock_text: Keep the whole text tower fixed for the whole run (LiT, Zhai et al. CVPR 2022, with the
             towers' roles swapped: a trained text tower teaches a new image tower); only the logit scale
             trains on the text side. Needs ``init_text_from``.
+        distill_from: ``"MODEL:TAG"`` of a frozen CLIP whose image embeddings the image tower also learns to
+            match (cosine distance, weight ``distill_weight``, added to the contrastive loss): a dense
+            per-image target where the contrastive loss over a batch of 64 captions can be met by colour alone.
+            None: contrastive loss only.
+        distill_weight: Weight of the distillation term.
+        distill_dense_weight: Weight of the dense distillation term: the MaskCLIP dense embeddings (value path
+            of the last block) average-pooled to the teacher's grid against the teacher's, cell by cell
+            (cosine distance): local targets in the text space, for the path that MaskCLIP segments with.
     """
 
     out_dir: str = "runs/shapesclip_rn"
@@ -204,14 +217,21 @@ class PretrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init_text_from: str | None = None
     lock_text: bool = False
+    distill_from: str | None = None
+    distill_weight: float = 1.0
+    distill_dense_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lock_text and self.init_text_from is None:
             raise ValueError(
                 "PretrainConfig.lock_text needs init_text_from: a locked random text tower learns nothing."
             )
-        if self.init_text_from is not None and ":" not in self.init_text_from:
-            raise ValueError(f"PretrainConfig.init_text_from must be MODEL:TAG, got {self.init_text_from!r}.")
+        for name in ("init_text_from", "distill_from"):
+            source = getattr(self, name)
+            if source is not None and ":" not in source:
+                raise ValueError(f"PretrainConfig.{name} must be MODEL:TAG, got {source!r}.")
+        if self.distill_weight < 0 or self.distill_dense_weight < 0:
+            raise ValueError("PretrainConfig.distill_weight and distill_dense_weight must be >= 0.")
         for name in ("steps", "batch_size", "num_scenes", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
@@ -258,22 +278,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "workers": 8,
         "model_overrides": {"vision_cfg": {"width": 32}, "text_cfg": {"width": 256, "heads": 4, "layers": 4}},
     },
-    # ShapesCLIP-ViT (patch 8 at 128 px: a 16 x 16 token grid) taught by the shipped ShapesCLIP-RN's text tower,
-    # locked: the text side already names colours, shapes, sizes, relations and backgrounds, so the image tower
-    # learns against fixed targets from the first step and no warm-up phases are needed. Patch 8 because the
-    # stride-32 RN's 4 x 4 grid is what limits its masks; 23.7 pairs/s at width 128 x 6 layers on 2 cores
-    # (width 192: 12.6; patch 16 at 256 px: 17.9), see the README's ShapesWorld section.
+    # ShapesCLIP-ViT (patch 8 at 128 px: a 16 x 16 token grid) taught by the shipped ShapesCLIP-RN: its text tower,
+    # locked (the text side already names colours, shapes, sizes, relations and backgrounds), and its image
+    # embeddings, distilled. Patch 8 because the stride-32 RN's 4 x 4 grid is what limits its masks; 23.7 pairs/s
+    # at width 128 x 6 layers on 2 cores (width 192: 12.6; patch 16 at 256 px: 17.9). Contrastive loss alone at
+    # lr 1e-3 with no warm-up sat at 21-23% zero-shot from step 250 to 500 (README, "ShapesWorld"), hence the
+    # distillation, the one-object warm-up and the lower learning rate.
     "vit": {
         "model_name": "ShapesCLIP-ViT",
         "out_dir": "runs/shapesclip_vit",
         "steps": 1300,
-        "lr": 1e-3,
+        "lr": 5e-4,
         "warmup_frac": 0.1,
         "num_scenes": 60_000,
-        "single_object_warmup_frac": 0.0,
+        "single_object_warmup_frac": 0.3,
         "locked_image_frac": 0.0,
         "init_text_from": "ShapesCLIP-RN:shapesworld",
         "lock_text": True,
+        "distill_from": "ShapesCLIP-RN:shapesworld",
     },
 }
 
@@ -334,6 +356,55 @@ def _init_text_tower(model: torch.nn.Module, source: str) -> None:
         for k, v in own.items():
             v.copy_(text[k].to(v.dtype))
     logger.info("text tower initialised from %s (%d tensors)", source, len(own))
+
+
+class _Objective:
+    """The training loss of one batch: open_clip's contrastive loss, plus, with a teacher CLIP, ``weight`` x the
+    mean cosine distance of the image embeddings to the teacher's and ``dense_weight`` x that of the MaskCLIP
+    dense embeddings (value path) average-pooled to the teacher's grid to the teacher's, cell by cell."""
+
+    def __init__(self, teacher: torch.nn.Module | None = None, weight: float = 1.0, dense_weight: float = 0.0) -> None:
+        from open_clip.loss import ClipLoss
+
+        self.contrastive, self.teacher, self.weight, self.dense_weight = ClipLoss(), teacher, weight, dense_weight
+
+    def __call__(self, model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """Loss of ``model`` on ``images`` (B x 3 x S x S) and their tokenized captions ``texts`` (B x L)."""
+        if self.teacher is None or self.dense_weight == 0:
+            image_features, text_features, logit_scale = model(images, texts)
+            student_dense = None
+        else:
+            out = dense_clip_encoder(model.visual, "maskclip")(images)  # global_embed is encode_image's
+            image_features = F.normalize(out.global_embed, dim=-1)
+            text_features, logit_scale = model.encode_text(texts, normalize=True), model.logit_scale.exp()
+            student_dense = out.dense
+        loss = self.contrastive(image_features, text_features, logit_scale)
+        if self.teacher is None:
+            return loss
+        with torch.no_grad():
+            if student_dense is None:
+                target = self.teacher.encode_image(images, normalize=True)
+            else:
+                teacher_out = dense_clip_encoder(self.teacher.visual, "maskclip")(images)
+                target, target_dense = F.normalize(teacher_out.global_embed, dim=-1), teacher_out.dense
+        loss = loss + self.weight * (1.0 - (image_features * target.to(image_features.dtype)).sum(-1)).mean()
+        if student_dense is not None:
+            pooled = F.adaptive_avg_pool2d(student_dense, target_dense.shape[-2:])
+            cosine = F.cosine_similarity(pooled, target_dense.to(pooled.dtype), dim=1)  # B x h x w
+            loss = loss + self.dense_weight * (1.0 - cosine).mean()
+        return loss
+
+
+def _load_teacher(source: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The frozen image tower's CLIP ``MODEL:TAG`` (eval mode, no gradients) for ``distill_from``."""
+    from clipdense.clip.loading import load_clip
+
+    name, tag = source.split(":", 1)
+    teacher = load_clip(name, tag, device=device).model.float().eval().requires_grad_(False)
+    if channels_last:
+        teacher.visual.to(memory_format=torch.channels_last)
+    logger.info("distilling the image embeddings of %s", source)
+    return teacher
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -511,8 +582,6 @@ def train(cfg: PretrainConfig) -> PretrainResult:
     Returns:
         A :class:`PretrainResult`.
     """
-    from open_clip.loss import ClipLoss
-
     device = _resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -564,7 +633,9 @@ def train(cfg: PretrainConfig) -> PretrainResult:
         cache_dir = _cache_dir(cfg) if cfg.cache else None
         if step < cfg.steps:
             batches_at = functools.partial(_batches_at, cfg, _streams(cfg, cache_dir), tokenizer, device)
-            losses = _loop(cfg, model, optimizer, scheduler, ClipLoss(), batches_at, device, step, log, save_checkpoint)
+            teacher = None if cfg.distill_from is None else _load_teacher(cfg.distill_from, device, cfg.channels_last)
+            objective = _Objective(teacher, cfg.distill_weight, cfg.distill_dense_weight)
+            losses = _loop(cfg, model, optimizer, scheduler, objective, batches_at, device, step, log, save_checkpoint)
             step = losses[-1][0] if losses else step
         if step < cfg.steps:
             return PretrainResult(step=step, finished=False, losses=losses)
@@ -641,7 +712,7 @@ def _loop(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loss_fn: torch.nn.Module,
+    loss_fn: _Objective,
     batches_at: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
     device: torch.device,
     step: int,
@@ -673,8 +744,7 @@ def _loop(
                 images = images.contiguous(memory_format=torch.channels_last)
             texts = texts.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16):
-                image_features, text_features, logit_scale = model(images, texts)
-                loss = loss_fn(image_features, text_features, logit_scale)
+                loss = loss_fn(model, images, texts)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip_norm is not None:
@@ -775,6 +845,10 @@ def _parser() -> argparse.ArgumentParser:
     arg("--init-text-from", help="MODEL:TAG whose text tower initialises this one (vit: ShapesCLIP-RN:shapesworld)")
     arg("--lock-text", dest="lock_text", action="store_const", const=True,
         help="keep the text tower fixed (vit recipe: on)")  # fmt: skip
+    arg("--distill-from", help="MODEL:TAG whose image embeddings the image tower also matches")
+    arg("--distill-weight", type=float, help=f"weight of the distillation term (default: {d.distill_weight})")
+    arg("--distill-dense-weight", type=float,
+        help=f"weight of the dense (value path) distillation term (default: {d.distill_dense_weight})")  # fmt: skip
     return p
 
 
