@@ -170,14 +170,14 @@ def cmd_shapesworld_evaluate(args: argparse.Namespace) -> None:
         clip_scenes = scenes if args.root is not None else held_out_scenes(args.scenes, cfg=cfg)
         size = clip_scenes[0][1].shape[0] if clip_scenes else cfg.image_size
         accuracy = zero_shot_accuracy(clip.model, clip.tokenizer, cfg, num_images=args.images) if args.images else None
-        rows = dense_quality(clip, modes=args.modes, scenes=clip_scenes)
-        rows.append(oracle_quality(clip_scenes, oracle_cell(clip, size)))
+        rows, cell = dense_quality(clip, modes=args.modes, scenes=clip_scenes), oracle_cell(clip, size)
+        rows.append(oracle_quality(clip_scenes, cell))
         label = clip.name if clip.pretrained in (None, "shapesworld") else f"{clip.name} ({clip.pretrained})"
         table[label] = (rows, accuracy)
         settings = {k: v for k, v in asdict(quality_settings(clip, "maskclip")).items() if k != "mode"}
         payload["models"].append({
             "model": clip.name, "pretrained": clip.pretrained, "image_size": size, "settings": settings,
-            "oracle_cell_px": oracle_cell(clip, size), "zero_shot_accuracy": accuracy,
+            "oracle_cell_px": cell, "zero_shot_accuracy": accuracy,
             "dense": [vars(r) for r in rows],
         })  # fmt: skip
     print(source or f"{args.scenes} held-out scenes", "| the oracle pastes the true majority class over every "

@@ -338,12 +338,18 @@ def register_model_config() -> None:
     register_model_configs()
 
 
-def _init_text_tower(model: torch.nn.Module, source: str) -> None:
-    """Copies the text tower (every weight outside ``visual.``) of the CLIP ``MODEL:TAG`` into ``model``."""
+@functools.cache
+def _source_clip(source: str) -> torch.nn.Module:
+    """The CLIP ``MODEL:TAG`` on the CPU, loaded once per run for both ``init_text_from`` and ``distill_from``."""
     from clipdense.clip.loading import load_clip
 
     name, tag = source.split(":", 1)
-    teacher = load_clip(name, tag, device="cpu").model.state_dict()
+    return load_clip(name, tag, device="cpu").model
+
+
+def _init_text_tower(model: torch.nn.Module, source: str) -> None:
+    """Copies the text tower (every weight outside ``visual.``) of the CLIP ``MODEL:TAG`` into ``model``."""
+    teacher = _source_clip(source).state_dict()
     text = {k: v for k, v in teacher.items() if not k.startswith("visual.")}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
     wrong = sorted(k for k in own if k not in text or text[k].shape != own[k].shape)
@@ -397,10 +403,7 @@ class _Objective:
 
 def _load_teacher(source: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
     """The frozen image tower's CLIP ``MODEL:TAG`` (eval mode, no gradients) for ``distill_from``."""
-    from clipdense.clip.loading import load_clip
-
-    name, tag = source.split(":", 1)
-    teacher = load_clip(name, tag, device=device).model.float().eval().requires_grad_(False)
+    teacher = copy.deepcopy(_source_clip(source)).to(device).float().eval().requires_grad_(False)
     if channels_last:
         teacher.visual.to(memory_format=torch.channels_last)
     logger.info("distilling the image embeddings of %s", source)
