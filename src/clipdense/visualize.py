@@ -1,4 +1,5 @@
-"""Pictures of predictions: segmentation overlays with a legend of class names and areas, detections."""
+"""Pictures of predictions: segmentation overlays with a legend of class names and areas, detections, transport
+plans."""
 
 from __future__ import annotations
 
@@ -188,3 +189,49 @@ def draw_detections(image: torch.Tensor, detections, alpha: float = 0.45) -> Ima
         draw.rectangle([x, y, x + font.getlength(text) + 6, y + font_size + 4], fill=colour)
         draw.text((x + 3, y + 1), text, fill=(255, 255, 255), font=font)
     return picture
+
+
+def plan_heatmap(image: torch.Tensor, mass: torch.Tensor, caption: str, vmax: float | None = None) -> Image.Image:
+    """One prompt's transport-plan mass over the image it was computed on, with a caption line below.
+
+    Args:
+        image: 3 x H x W uint8 RGB image (the view the model saw, e.g. CLIP's centre crop).
+        mass: h x w mass per feature cell (e.g. a slice of :attr:`~clipdense.models.fewshot.TransportExplanation.
+            plans`); shown bilinearly upsampled to H x W, so nothing is drawn outside the image.
+        caption: Text under the picture (e.g. the prompt's index and its share of the score).
+        vmax: Mass shown brightest (default: the map's maximum); pass one value to make several maps comparable.
+
+    Returns:
+        The picture: the image darkened under a black-red-yellow map of the mass, enlarged as :func:`overlay`
+        enlarges small images, and the caption.
+    """
+    h, w = image.shape[1:]
+    factor = _view_factor(h, w)
+    up = torch.nn.functional.interpolate(mass[None, None].float(), size=(h * factor, w * factor), mode="bilinear",
+                                         align_corners=False)[0, 0]  # fmt: skip
+    colour = heatmap(up.clamp(min=0), vmax=vmax if vmax is not None else float(mass.max()))
+    base = Image.fromarray(_enlarge(image, factor).permute(1, 2, 0).numpy())
+    picture = Image.blend(base, colour, 0.6)
+    font_size = max(11, min(16, picture.height // 20))
+    font = ImageFont.load_default(size=font_size)
+    canvas = Image.new("RGB", (picture.width, picture.height + font_size + 10), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    ImageDraw.Draw(canvas).text((4, picture.height + 4), caption, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def plan_grid(rows: list[list[Image.Image]], row_titles: list[str]) -> Image.Image:
+    """Pictures in a grid (e.g. one row per class, one :func:`plan_heatmap` per prompt), each row titled above."""
+    pw, ph = rows[0][0].size
+    font_size = max(11, min(18, ph // 18))
+    font = ImageFont.load_default(size=font_size)
+    gap, title_h = 8, font_size + 10
+    width = max(len(r) for r in rows) * (pw + gap) + gap
+    canvas = Image.new("RGB", (width, len(rows) * (ph + title_h + gap) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (row, title) in enumerate(zip(rows, row_titles, strict=True)):
+        y = gap + i * (ph + title_h + gap)
+        draw.text((gap, y), title, fill=(0, 0, 0), font=font)
+        for j, panel in enumerate(row):
+            canvas.paste(panel, (gap + j * (pw + gap), y + title_h))
+    return canvas

@@ -44,6 +44,19 @@ def test_train_eval_classify(data, tmp_path, capsys):
     probs = rows[0]["probs"]
     assert len(rows[0]["classes"]) == 2 and probs[0] >= probs[1] > 0 and sum(probs) <= 1 + 1e-6
 
+    pictures = tmp_path / "explain"
+    assert main(["classify", str(image), "--checkpoint", str(run), "--explain", "--explain-top", "2",
+                 "--out", str(pictures)]) == 0  # fmt: skip
+    explained = json.loads((pictures / "classify.json").read_text())[0]["explained"]
+    panels = [e for e in explained if "png" in e]
+    assert len(panels) == 2 * 4 and all((pictures / e["png"]).is_file() for e in panels)  # 2 classes x N = 4
+    assert (pictures / "test_0_plans.png").is_file() and {e["rank"] for e in panels} == {1, 2}
+    for rank in (1, 2):  # each prompt takes 1/N of the mass; the score shares of a class sum to 1
+        assert sum(e["mass"] for e in panels if e["rank"] == rank) == pytest.approx(1.0, abs=1e-5)
+        assert sum(e["score_share"] for e in panels if e["rank"] == rank) == pytest.approx(1.0, abs=1e-5)
+    assert main(["classify", str(image), "--checkpoint", str(run), "--explain"]) == 2
+    assert "--out DIR" in capsys.readouterr().err
+
 
 def test_ctrl_c_stops_with_exit_3_and_resumes(data, tmp_path, monkeypatch, capsys):
     from clipdense.training import loop
@@ -56,6 +69,9 @@ def test_ctrl_c_stops_with_exit_3_and_resumes(data, tmp_path, monkeypatch, capsy
     assert main(["fewshot", "train", str(CONFIGS / "coop_rn50.yaml"), *_overrides(data, run, "coop_vitb16"),
                  "--resume"]) == 0  # fmt: skip
     assert "done: 6 steps" in capsys.readouterr().out
+    image = data / "dtd" / "images" / "red_thing" / "test_0.png"
+    assert main(["classify", str(image), "--checkpoint", str(run), "--explain", "--out", str(tmp_path / "x")]) == 2
+    assert "only PLOT runs have transport plans" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_bad_inputs_are_one_line_errors(data, tmp_path, capsys):

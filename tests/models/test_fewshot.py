@@ -271,3 +271,30 @@ def test_classes_and_types():
         create_model("coop_rn50", pretrained=None, clip_model="tiny-RN")
     with pytest.raises(ValueError, match="class_token_position"):
         _model("coop_rn50", class_token_position="left")
+
+
+def test_explain_plans_are_forwards_and_keep_their_marginals():
+    """PLOT.explain returns forward's logits, and for each top class the plans of forward's Sinkhorn (recomputed
+    here by hand for one image and class): every prompt's map sums to 1/N, every cell sends ~1/M, and the
+    prompts' score shares are the plan-weighted cosines over their total."""
+    model = _model("plot_rn50", n_prompts=3).eval()
+    model.thresh = 0.0  # all iterations: the row marginals hold to float precision
+    images = torch.randn(2, 3, 64, 64)
+    ex = model.explain(images, top_k=2)
+    assert torch.allclose(ex.logits, model(images), atol=1e-5)
+    assert torch.equal(ex.classes, model(images).topk(2, dim=-1).indices)
+    b, k, n, h, w = ex.plans.shape
+    assert (b, k, n) == (2, 2, 3) and h * w > 1
+    assert torch.allclose(ex.plans.sum(dim=(-2, -1)), torch.full((2, 2, 3), 1 / 3), atol=1e-6)
+    assert torch.allclose(ex.plans.sum(dim=2), torch.full((2, 2, h, w), 1 / (h * w)), atol=1e-5)
+    assert torch.allclose(ex.shares.sum(dim=-1), torch.ones(2, 2), atol=1e-6)
+    # by hand for image 1's second class: cosines of its local features with the class's 3 prompts, Sinkhorn plan
+    _, local = model.image_features(images[1:])
+    c = int(ex.classes[1, 1])
+    text = model.text_features().view(3, len(NAMES), -1)[:, c]  # N x D
+    cos = local[0] @ text.t()  # M x N
+    plan = sinkhorn(torch.exp(-(1 - cos) / model.eps)[None], torch.full((1, h * w), 1 / (h * w)),
+                    torch.full((1, 3), 1 / 3), model.max_iter, 0.0)[0]  # fmt: skip
+    assert torch.allclose(ex.plans[1, 1], plan.t().reshape(3, h, w), atol=1e-6)
+    per_prompt = (plan * cos).sum(dim=0)
+    assert torch.allclose(ex.shares[1, 1], per_prompt / per_prompt.sum(), atol=1e-5)

@@ -10,7 +10,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from clipdense.cli.common import CLIError, add_device_arg, check_output, positive_int, write_json
+from clipdense.cli.common import CLIError, add_device_arg, check_output, positive_int, write_json, write_png
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +54,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="run directory written by `clipdense fewshot train`")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image")
-    p.add_argument("--out", default=None, help="also write the results as JSON")
+    p.add_argument("--out", default=None, help="also write the results as JSON (with --explain: the folder for the "
+                   "pictures and classify.json)")  # fmt: skip
+    p.add_argument("--explain", action="store_true", help="PLOT runs: write each prompt set's transport plan over the "
+                   "image for the top classes (one PNG per prompt set, and one grid per image) to --out")  # fmt: skip
+    p.add_argument("--explain-top", type=positive_int, default=3, help="classes explained per image (default: 3)")
     add_device_arg(p)
     p.set_defaults(func=cmd_classify)
 
@@ -111,9 +115,13 @@ def cmd_classify(args: argparse.Namespace) -> None:
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise CLIError(f"image not found: {missing[0]}")
+    if args.explain and not args.out:
+        raise CLIError("--explain writes pictures: give the folder with --out DIR")
     if args.out:
-        check_output(args.out, folder=False)
+        check_output(args.out, folder=args.explain)
     model, _ = load_fewshot_run(run, args.device)
+    if args.explain and not hasattr(model, "explain"):
+        raise CLIError(f"{run} is a {type(model).__name__} run: only PLOT runs have transport plans to explain")
     images = []
     for p in args.images:
         try:
@@ -127,7 +135,49 @@ def cmd_classify(args: argparse.Namespace) -> None:
     if args.out:
         rows = [{"image": p, "labels": r.labels, "classes": r.names, "probs": r.probs}
                 for p, r in zip(args.images, results, strict=True)]  # fmt: skip
-        write_json(Path(args.out), rows)
+        if args.explain:
+            for row, written in zip(rows, _write_explanations(model, images, args.images, args), strict=True):
+                row["explained"] = written
+            write_json(Path(args.out) / "classify.json", rows)
+            print(f"saved the transport plans and classify.json to {args.out}")
+        else:
+            write_json(Path(args.out), rows)
+
+
+def _write_explanations(model, images, paths: list[str], args: argparse.Namespace) -> list[list[dict]]:
+    """Write one PNG per (image, top class, prompt set) and a grid per image; returns what each image got."""
+    import re
+
+    from clipdense.inference.fewshot import explain
+    from clipdense.visualize import plan_grid, plan_heatmap
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    stems = [Path(p).stem for p in paths]
+    for i, (stem, ex) in enumerate(zip(stems, explain(model, images, top_k=args.explain_top), strict=True)):
+        stem = f"{stem}_{i}" if stems.count(stem) > 1 else stem
+        vmax = float(ex.plans.max())  # one scale for every map of the image: they compare
+        n = ex.plans.shape[1]
+        rows, entries = [], []
+        for k, name in enumerate(ex.top.names):
+            row = []
+            for j in range(n):
+                mass, share = float(ex.plans[k, j].sum()), float(ex.shares[k, j])
+                caption = f"prompt {j + 1}/{n}: mass {100 * mass:.0f}%, score {100 * share:.1f}%"
+                panel = plan_heatmap(ex.view, ex.plans[k, j], caption, vmax=vmax)
+                file = out / f"{stem}_top{k + 1}_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}_prompt{j + 1}.png"
+                write_png(file, panel)
+                row.append(panel)
+                entries.append({"class": name, "rank": k + 1, "prompt": j + 1, "mass": mass, "score_share": share,
+                                "png": file.name})  # fmt: skip
+            rows.append(row)
+        pairs = zip(ex.top.names, ex.top.probs, strict=True)
+        titles = [f"{k + 1}. {name}  p={prob:.3f}" for k, (name, prob) in enumerate(pairs)]
+        write_png(out / f"{stem}_plans.png", plan_grid(rows, titles))
+        entries.append({"grid": f"{stem}_plans.png"})
+        written.append(entries)
+    return written
 
 
 def _mean_std(values: list[float]) -> str:

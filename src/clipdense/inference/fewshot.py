@@ -355,6 +355,59 @@ def classify(model: nn.Module, images: Sequence[Image.Image], top_k: int = 5, ba
     return out
 
 
+@dataclass
+class PlanExplanation:
+    """PLOT's transport plans for the top classes of one image (see :meth:`clipdense.models.fewshot.PLOT.explain`).
+
+    Attributes:
+        view: 3 x S x S uint8 RGB: the image as the model saw it (CLIP's resize and centre crop).
+        top: The top-K classes and their probabilities.
+        plans: K x N x h x w mass that prompt set n takes from each cell of the feature grid in class k's plan (each
+            map sums to 1/N).
+        shares: K x N: each prompt set's part of the class's transport similarity (rows sum to 1).
+    """
+
+    view: torch.Tensor
+    top: Classification
+    plans: torch.Tensor
+    shares: torch.Tensor
+
+
+@torch.no_grad()
+def explain(model: nn.Module, images: Sequence[Image.Image], top_k: int = 3, batch_size: int = 32):
+    """The transport plans of a PLOT classifier's top classes for PIL images (CLIP's test preprocessing).
+
+    Args:
+        model: A trained :class:`~clipdense.models.fewshot.PLOT` in eval mode.
+        images: RGB images, any size.
+        top_k: Classes explained per image.
+        batch_size: Images per forward pass.
+
+    Returns:
+        One :class:`PlanExplanation` per image.
+
+    Raises:
+        ValueError: The model has no transport plans (CoOp, CoCoOp).
+    """
+    if not hasattr(model, "explain"):
+        raise ValueError(f"{type(model).__name__} has no transport plans to show: explanations need a PLOT run")
+    transform = eval_transform(model)
+    device = model.logit_scale.device
+    mean = torch.tensor(model.image_mean).view(3, 1, 1)
+    std = torch.tensor(model.image_std).view(3, 1, 1)
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = torch.stack([transform(im.convert("RGB")) for im in images[i : i + batch_size]])
+        ex = model.explain(batch.to(device), top_k)
+        probs = ex.logits.float().softmax(dim=-1).gather(1, ex.classes).cpu()
+        views = (batch * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+        for j in range(len(batch)):
+            labels = ex.classes[j].tolist()
+            top = Classification(labels, [model.class_names[c] for c in labels], probs[j].tolist())
+            out.append(PlanExplanation(views[j], top, ex.plans[j].float().cpu(), ex.shares[j].float().cpu()))
+    return out
+
+
 def flat_config(cfg: FewShotConfig | dict) -> dict[str, Any]:
     """``{"section.key": value}`` of the trajectory-shaping sections (model, data, optim, train)."""
     data = cfg.to_dict() if dataclasses.is_dataclass(cfg) else cfg
@@ -363,6 +416,7 @@ def flat_config(cfg: FewShotConfig | dict) -> dict[str, Any]:
 
 __all__ = [
     "Classification",
+    "PlanExplanation",
     "FewShotConfig",
     "FewShotDataConfig",
     "FewShotModelConfig",
@@ -373,6 +427,7 @@ __all__ = [
     "classify",
     "epoch_lr",
     "eval_transform",
+    "explain",
     "flat_config",
     "load_fewshot_config",
     "load_fewshot_run",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +75,10 @@ def sinkhorn(
     return r.unsqueeze(-1) * kernel * c.unsqueeze(-2)
 
 
-def ot_similarity(
+def transport_plans(
     local: torch.Tensor, text: torch.Tensor, eps: float = 0.1, max_iter: int = 100, thresh: float = 1e-2
-) -> torch.Tensor:
-    """PLOT's transport similarity between M local image features and the N prompt features of every class.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PLOT's cosines and transport plans between M local image features and the N prompts of every class.
 
     Args:
         local: B x M x D l2-normalised local image features.
@@ -87,18 +88,56 @@ def ot_similarity(
         thresh: Sinkhorn stopping threshold (see :func:`sinkhorn`).
 
     Returns:
-        B x C similarities sum_mn T_mn cos_mn (= 1 - the OT distance with cost 1 - cos); differentiable in the
-        features, with the plans T constant.
+        (B x C x M x N cosines cos_mn, differentiable; B x C x M x N plans T_mn, constant): the plan of class c
+        moves mass 1/M out of every local feature and exactly 1/N into every prompt.
     """
     b, m, _ = local.shape
     n, c, _ = text.shape
-    sim = torch.einsum("bmd,ncd->bcmn", local, text).reshape(b * c, m, n)
+    sim = torch.einsum("bmd,ncd->bcmn", local, text)
     with torch.no_grad():
-        kernel = torch.exp(-(1.0 - sim) / eps)
-        u = sim.new_full((b * c, m), 1.0 / m)
-        v = sim.new_full((b * c, n), 1.0 / n)
-        plan = sinkhorn(kernel, u, v, max_iter, thresh)
-    return (plan * sim).sum(dim=(1, 2)).view(b, c)
+        flat = sim.reshape(b * c, m, n)
+        kernel = torch.exp(-(1.0 - flat) / eps)
+        u = flat.new_full((b * c, m), 1.0 / m)
+        v = flat.new_full((b * c, n), 1.0 / n)
+        plan = sinkhorn(kernel, u, v, max_iter, thresh).view(b, c, m, n)
+    return sim, plan
+
+
+def ot_similarity(
+    local: torch.Tensor, text: torch.Tensor, eps: float = 0.1, max_iter: int = 100, thresh: float = 1e-2
+) -> torch.Tensor:
+    """PLOT's transport similarity between M local image features and the N prompt features of every class.
+
+    Args:
+        local: B x M x D l2-normalised local image features.
+        text: N x C x D l2-normalised text features (N prompt sets, C classes).
+        eps, max_iter, thresh: See :func:`transport_plans`.
+
+    Returns:
+        B x C similarities sum_mn T_mn cos_mn (= 1 - the OT distance with cost 1 - cos); differentiable in the
+        features, with the plans T constant.
+    """
+    sim, plan = transport_plans(local, text, eps, max_iter, thresh)
+    return (plan * sim).sum(dim=(2, 3))
+
+
+@dataclass
+class TransportExplanation:
+    """What PLOT's transport plans say about the top classes of B images (see :meth:`PLOT.explain`).
+
+    Attributes:
+        logits: B x C logits (those of :meth:`PLOT.forward`).
+        classes: B x K class indices, best first.
+        plans: B x K x N x h x w: the mass that prompt set n receives from each cell of the h x w feature grid in
+            class k's plan; each prompt's map sums to 1/N (its share of the transported mass).
+        shares: B x K x N: prompt set n's part of the class's transport similarity, sum_m T_mn cos_mn over
+            sum_mn T_mn cos_mn (sums to 1 over n; the global term of ``global_logits`` is not included).
+    """
+
+    logits: torch.Tensor
+    classes: torch.Tensor
+    plans: torch.Tensor
+    shares: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -424,10 +463,15 @@ class PLOT(_PromptClassifier):
 
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """B x 3 x H x W normalised images -> (B x D global, B x M x D local) l2-normalised features."""
-        with torch.no_grad():
-            feats = self.image_encoder(images.to(self.logit_scale.dtype))
-            local = feats.dense.flatten(2).transpose(1, 2)
-            return F.normalize(feats.global_embed, dim=-1), F.normalize(local, dim=-1)
+        return self._encode(images)[:2]
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(B x D global, B x M x D local features, both l2-normalised; the h x w grid of the M = h * w)."""
+        feats = self.image_encoder(images.to(self.logit_scale.dtype))
+        local = feats.dense.flatten(2).transpose(1, 2)
+        grid = (int(feats.dense.shape[-2]), int(feats.dense.shape[-1]))
+        return F.normalize(feats.global_embed, dim=-1), F.normalize(local, dim=-1), grid
 
     def logits_from_features(self, global_feat: torch.Tensor, local: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Args:
@@ -439,8 +483,12 @@ class PLOT(_PromptClassifier):
             B x C logits.
         """
         text = text.view(self.prompt_learner.n_prompts, self.num_classes, -1)
+        return self._logits(global_feat, text, *transport_plans(local, text, self.eps, self.max_iter, self.thresh))
+
+    def _logits(self, global_feat: torch.Tensor, text: torch.Tensor, sim: torch.Tensor, plan: torch.Tensor):
+        """B x C logits from the N x C x D text features and the B x C x M x N cosines and plans."""
         scale = self.logit_scale.exp()
-        logits = scale * ot_similarity(local, text, self.eps, self.max_iter, self.thresh)
+        logits = scale * (plan * sim).sum(dim=(2, 3))
         if self.global_logits:
             logits = logits + scale * global_feat @ F.normalize(text.mean(dim=0), dim=-1).t()
         return logits
@@ -454,6 +502,31 @@ class PLOT(_PromptClassifier):
         """
         global_feat, local = self.image_features(images)
         return self.logits_from_features(global_feat, local, self.text_features())
+
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor, top_k: int = 3) -> TransportExplanation:
+        """The transport plans of the top classes, as maps over the feature grid (the talk's "what PLOT learns").
+
+        Args:
+            images: B x 3 x H x W normalised images.
+            top_k: Classes explained per image (at most C).
+
+        Returns:
+            The :class:`TransportExplanation`; ``plans`` are on CLIP's h x w feature grid (7 x 7 for RN50 at 224 px),
+            row-major as the local features.
+        """
+        global_feat, local, (h, w) = self._encode(images)
+        text = self.text_features().view(self.prompt_learner.n_prompts, self.num_classes, -1)
+        sim, plan = transport_plans(local, text, self.eps, self.max_iter, self.thresh)  # B x C x M x N: forward's
+        logits = self._logits(global_feat, text, sim, plan)
+        classes = logits.topk(min(top_k, self.num_classes), dim=-1).indices  # B x K
+        pick = classes[:, :, None, None].expand(-1, -1, *plan.shape[2:])
+        sim, plan = sim.gather(1, pick), plan.gather(1, pick)  # B x K x M x N
+        per_prompt = (plan * sim).sum(dim=2)  # B x K x N
+        shares = per_prompt / per_prompt.sum(dim=-1, keepdim=True)
+        b, k = classes.shape
+        maps = plan.transpose(2, 3).reshape(b, k, -1, h, w)
+        return TransportExplanation(logits, classes, maps, shares)
 
 
 class ZeroShotClassifier(nn.Module):
@@ -586,8 +659,10 @@ __all__ = [
     "CoCoOp",
     "CoOp",
     "PromptLearner",
+    "TransportExplanation",
     "ZeroShotClassifier",
     "build_prompt_classifier",
     "ot_similarity",
     "sinkhorn",
+    "transport_plans",
 ]
