@@ -104,3 +104,43 @@ def test_fewshot_help_stays_light():
             "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def _adapter_overrides(root, run, epochs=1):
+    return [f"run_dir={run}", "model.pretrained=null", 'model.overrides={"clip_model": "tiny-ViT"}', "data.dataset=dtd",
+            f"data.root={root}", "data.shots=4", "data.workers=0", "train.device=cpu", f"train.epochs={epochs}",
+            "adapter.augment_epochs=1", "adapter.search_step=[4, 4]"]  # fmt: skip
+
+
+def test_adapter_train_eval_classify(data, tmp_path, capsys):
+    run = tmp_path / "tip_f"
+    assert main(["fewshot", "train", str(CONFIGS / "tip_adapter_f_rn50.yaml"), *_adapter_overrides(data, run)]) == 0
+    assert "done: 1 steps" in capsys.readouterr().out  # batch 256 -> one batch of the 12 images per epoch
+    config = (run / "config.yaml").read_text()
+    assert "'{} texture.'" in config  # DTD's template in Tip-Adapter's datasets/dtd.py
+    assert main(["fewshot", "eval", str(run)]) == 0
+    assert json.loads((run / "eval_test.json").read_text())["num_images"] == 9
+    image = data / "dtd" / "images" / "red_thing" / "test_0.png"
+    out = tmp_path / "classes.json"
+    assert main(["classify", str(image), "--checkpoint", str(run), "--top-k", "3", "--out", str(out)]) == 0
+    assert sum(json.loads(out.read_text())[0]["probs"]) == pytest.approx(1.0, abs=1e-5)
+    capsys.readouterr()
+    assert main(["classify", str(image), "--checkpoint", str(run), "--explain", "--out", str(tmp_path / "x")]) == 2
+    assert "only PLOT runs have transport plans" in capsys.readouterr().err
+
+
+def test_grid_gives_plot_adapter_its_plot_run(data, tmp_path, capsys):
+    """`fewshot grid` trains PLOT, then PLOT-Adapter on that PLOT run of the same shots and seed."""
+    out = tmp_path / "grid"
+    sets = ["model.pretrained=null", 'model.overrides={"clip_model": "tiny-ViT"}', "data.dataset=dtd",
+            f"data.root={data}", "data.workers=0", "train.epochs=1", "train.batch_size=4", "adapter.augment_epochs=1",
+            "adapter.search_step=[2, 2]"]  # fmt: skip
+    assert main(["fewshot", "grid", str(CONFIGS / "plot_rn50.yaml"), str(CONFIGS / "plot_adapter_rn50.yaml"),
+                 "--shots", "2", "--seeds", "1", "--no-zeroshot", "--out", str(out), "--set", *sets]) == 0  # fmt: skip
+    saved = (out / "plot_adapter_rn50" / "2shot_seed1" / "config.yaml").read_text()
+    assert f"plot_run: {out / 'plot_rn50' / '2shot_seed1'}" in saved
+    table = (out / "table.md").read_text()
+    assert "| plot_rn50 |" in table and "| plot_adapter_rn50 |" in table
+    assert main(["fewshot", "grid", str(CONFIGS / "plot_adapter_rn50.yaml"), "--shots", "2", "--seeds", "1",
+                 "--no-zeroshot", "--out", str(tmp_path / "g2"), "--set", *sets]) == 2  # fmt: skip
+    assert "list a PLOT config" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``clipdense fewshot train | eval | grid`` and ``clipdense classify``: few-shot prompt learning (CoOp, PLOT).
+"""``clipdense fewshot train | eval | grid`` and ``clipdense classify``: few-shot prompt learning (CoOp, CoCoOp, PLOT)
+and cache adapters (Tip-Adapter, Tip-Adapter-F, PLOT-Adapter).
 
 ``fewshot train`` follows ``clipdense train``: a run directory with the resolved config and atomic checkpoints,
 ``--resume``, a progress bar, Ctrl-C stopping at a step boundary with exit status 3.
@@ -15,10 +16,14 @@ from clipdense.cli.common import CLIError, add_device_arg, check_output, positiv
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the ``fewshot`` group (``train``, ``eval``, ``grid``) and ``classify``."""
-    fs = sub.add_parser("fewshot", help="few-shot classification by prompt learning (CoOp, PLOT)").add_subparsers(
-        dest="fewshot_command", required=True
+    fs = sub.add_parser(
+        "fewshot",
+        help="few-shot classification: prompt learning (CoOp, CoCoOp, PLOT), adapters (Tip-Adapter, PLOT-Adapter)",
+    ).add_subparsers(dest="fewshot_command", required=True)
+    p = fs.add_parser(
+        "train",
+        help="learn prompts (or build an adapter's cache) on a k-shot split from a YAML config (configs/fewshot/)",
     )
-    p = fs.add_parser("train", help="learn prompts on a k-shot split from a YAML config (configs/fewshot/)")
     p.add_argument("config", help="YAML config (see configs/fewshot/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.shots=4 train.seed=2")
     p.add_argument("--resume", action="store_true", help="continue the run directory's latest checkpoint")
@@ -50,7 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_device_arg(p)
     p.set_defaults(func=cmd_grid)
 
-    p = sub.add_parser("classify", help="classify images with a trained few-shot run (CoOp/PLOT)")
+    p = sub.add_parser("classify", help="classify images with a trained few-shot run (CoOp, PLOT, an adapter)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="run directory written by `clipdense fewshot train`")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image")
@@ -204,11 +209,17 @@ def cmd_grid(args: argparse.Namespace) -> None:
         top1 = evaluate_zeroshot(cfgs[0], device, progress=False).top1
         results["zero-shot CLIP"] = {k: [top1] for k in args.shots}
         print(f"zero-shot: {top1:.2f}")
+    plot_runs: dict[tuple[int, int], Path] = {}  # PLOT-Adapter uses the grid's PLOT run of its shots and seed
     for path, base in zip(args.configs, cfgs, strict=True):
         row = results.setdefault(base.name, {})
+        needs_plot = base.model.name.startswith("plot_adapter") and not base.adapter.plot_run
+        if needs_plot and not plot_runs:
+            raise CLIError(f"{path} needs a PLOT run: list a PLOT config (e.g. shapesworld_plot.yaml) before it")
         for k in args.shots:
             for seed in args.seeds:
                 run = out / base.name / f"{k}shot_seed{seed}"
+                if base.model.name.startswith("plot_") and not base.model.name.startswith("plot_adapter"):
+                    plot_runs[(k, seed)] = run
                 report_path = run / "eval_test.json"
                 if not report_path.is_file():
                     sets = [
@@ -217,6 +228,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
                         f"train.seed={seed}",
                         f"run_dir={run}",
                         f"train.device={device}",
+                        *([f"adapter.plot_run={plot_runs[(k, seed)]}"] if needs_plot else []),
                     ]
                     cfg = _load_config(path, sets)
                     result = train_fewshot(cfg, resume=(run / "checkpoints").is_dir(), progress=False)

@@ -28,6 +28,7 @@ from clipdense.checkpoints import load_state_dict_strict, skip_init
 from clipdense.config import ConfigError, _build, _merge, _plain, _read_yaml, parse_overrides
 from clipdense.data.fewshot import LAYOUTS, SUBSAMPLES
 from clipdense.fileio import atomic_write_text
+from clipdense.inference.adapters import FewShotAdapterConfig, adapter_recipe, is_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ logger = logging.getLogger(__name__)
 class FewShotModelConfig:
     """Attributes:
     name: ``coop_rn50``, ``plot_rn50``, ``cocoop_vitb16``, ... (``clipdense.list_models("*coop_*")``,
-        ``list_models("plot_*")``).
+        ``list_models("plot_*")``), or a cache adapter: ``tip_adapter_rn50``, ``tip_adapter_f_rn50``,
+        ``plot_adapter_rn50``.
     pretrained: CLIP weights: an open_clip tag, a local file, or null for random weights.
     overrides: Builder options (``clip_model``, ``n_ctx``, ``ctx_init``, ``class_specific``,
         ``class_token_position``, ``n_prompts``, ``eps``, ``max_iter``, ``thresh``, ``global_logits``).
@@ -121,6 +123,7 @@ class FewShotConfig:
     data: FewShotDataConfig = field(default_factory=FewShotDataConfig)
     optim: FewShotOptimConfig = field(default_factory=FewShotOptimConfig)
     train: FewShotTrainConfig = field(default_factory=FewShotTrainConfig)
+    adapter: FewShotAdapterConfig = field(default_factory=FewShotAdapterConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
@@ -155,6 +158,18 @@ def load_fewshot_config(path: str | Path | None = None, overrides: Sequence[str]
     low, high = cfg.data.crop_scale
     if not 0 < low <= high <= 1:
         raise ConfigError(f"data.crop_scale={list(cfg.data.crop_scale)}: needs 0 < low <= high <= 1")
+    if is_adapter(cfg.model.name):
+        try:
+            adapter_recipe(
+                cfg.model.name,
+                cfg.data.dataset,
+                cfg.adapter,
+                cfg.train.epochs,
+                cfg.train.batch_size,
+                need_plot_run=False,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     return cfg
 
 
@@ -229,12 +244,16 @@ def train_transform(model: nn.Module, crop_scale: tuple[float, float] = (0.08, 1
 # ------------------------------------------------------------------------------------------- models and runs
 
 
-def build_fewshot_model(cfg: FewShotConfig, class_names: Sequence[str], pretrained: Any = "config") -> nn.Module:
-    """The classifier a config names (CLIP weights from ``model.pretrained`` unless ``pretrained`` is given)."""
-    from clipdense.models.registry import create_model
+def build_fewshot_model(
+    cfg: FewShotConfig, class_names: Sequence[str], pretrained: Any = "config", for_checkpoint: bool = False
+) -> nn.Module:
+    """The classifier a config names (CLIP weights from ``model.pretrained`` unless ``pretrained`` is given;
+    ``for_checkpoint``: skip what a checkpoint overwrites, such as an adapter's text classifier)."""
+    from clipdense.models.registry import checkpoint_options, create_model
 
     weights = cfg.model.pretrained if pretrained == "config" else pretrained
-    return create_model(cfg.model.name, class_names=list(class_names), pretrained=weights, **cfg.model.overrides)
+    options = {**cfg.model.overrides, **(checkpoint_options(cfg.model.name) if for_checkpoint else {})}
+    return create_model(cfg.model.name, class_names=list(class_names), pretrained=weights, **options)
 
 
 def saves_clip(cfg: FewShotConfig) -> bool:
@@ -249,10 +268,16 @@ def checkpoint_module(model: nn.Module, cfg: FewShotConfig) -> nn.Module:
 
 class _Trainable(nn.Module):
     """A view of a classifier whose ``state_dict`` is its learned part: the prompt learner (``prompt_learner.``)
-    and CoCoOp's meta-net (``meta_net.``)."""
+    and CoCoOp's meta-net (``meta_net.``); a cache adapter's cache (``cache.``) and PLOT-Adapter's PLOT prompts
+    (``plot.prompt_learner.``)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        if hasattr(model, "cache"):
+            self.cache = model.cache
+            if hasattr(model, "plot"):
+                self.plot = _Trainable(model.plot)
+            return
         self.prompt_learner = model.prompt_learner
         if hasattr(model, "meta_net"):
             self.meta_net = model.meta_net
@@ -291,15 +316,17 @@ def load_fewshot_run(
     if names != cfg.model.class_names and saves_clip(cfg):
         raise ValueError(f"{run_dir} trained on random CLIP weights (model.pretrained: null): they cannot be loaded "
                          "for other classes")  # fmt: skip
+    if names != cfg.model.class_names and is_adapter(cfg.model.name):
+        raise ValueError(f"{run_dir} is a cache adapter: its cache holds the run's classes only")
     loading_logger = logging.getLogger("clipdense.clip.loading")
     level = loading_logger.level
     try:
         if saves_clip(cfg):
             loading_logger.setLevel(logging.ERROR)  # every weight comes from the checkpoint
             with skip_init():
-                model = build_fewshot_model(cfg, names, pretrained=None)
+                model = build_fewshot_model(cfg, names, pretrained=None, for_checkpoint=True)
         else:
-            model = build_fewshot_model(cfg, names)
+            model = build_fewshot_model(cfg, names, for_checkpoint=True)
     finally:
         loading_logger.setLevel(level)
     state = load_file(str(folder / "model.safetensors"))
@@ -409,9 +436,10 @@ def explain(model: nn.Module, images: Sequence[Image.Image], top_k: int = 3, bat
 
 
 def flat_config(cfg: FewShotConfig | dict) -> dict[str, Any]:
-    """``{"section.key": value}`` of the trajectory-shaping sections (model, data, optim, train)."""
+    """``{"section.key": value}`` of the trajectory-shaping sections (model, data, optim, train, adapter)."""
     data = cfg.to_dict() if dataclasses.is_dataclass(cfg) else cfg
-    return {f"{s}.{k}": v for s in ("model", "data", "optim", "train") for k, v in (data.get(s) or {}).items()}
+    sections = ("model", "data", "optim", "train", "adapter")
+    return {f"{s}.{k}": v for s in sections for k, v in (data.get(s) or {}).items()}
 
 
 __all__ = [

@@ -5,10 +5,12 @@ Each family builds and registers itself (``@register_model``) in its own module:
 (DenseCLIP, CLIP + FPN), ``ppl.py``, ``maskclip_plus.py``, ``detectors.py`` and ``fewshot.py`` (CoOp,
 PLOT). Importing this package imports them all, so :func:`create_model` and :func:`list_models` see every
 registered name.
-``flops.py`` counts parameters and FLOPs as the papers' tables do.
+``adapters.py`` holds the cache adapters (Tip-Adapter, PLOT-Adapter). ``flops.py`` counts parameters and FLOPs as
+the papers' tables do.
 """
 
 # Importing the family modules (segmentors, ppl, maskclip_plus, detectors) registers their models.
+from clipdense.models.adapters import PLOTAdapter, TipAdapter
 from clipdense.models.backbones import AttentionPool, CLIPResNetBackbone, CLIPViTBackbone, TimmBackbone
 from clipdense.models.decoders import FPN, FPNHead, UperNetHead
 from clipdense.models.detectors import CLIPDetector, GuidedFPN
@@ -49,6 +51,7 @@ __all__ = [
     "GuidedFPN",
     "LanguageGuidance",
     "PLOT",
+    "PLOTAdapter",
     "MaskCLIPGuide",
     "MaskCLIPPlus",
     "PPLGuidance",
@@ -57,6 +60,7 @@ __all__ = [
     "PromptLearner",
     "ProbabilisticDecoder",
     "TimmBackbone",
+    "TipAdapter",
     "UperNetHead",
     "count_flops",
     "count_parameters",

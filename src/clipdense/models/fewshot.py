@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipdense.clip.dense import dense_clip_encoder
-from clipdense.clip.loading import load_clip
+from clipdense.clip.loading import LoadedCLIP, load_clip
 from clipdense.data.classnames import display_name
 from clipdense.models._build import DEFAULT_PRETRAINED, check_classes
 from clipdense.models.registry import register_model
@@ -91,16 +91,28 @@ def transport_plans(
         (B x C x M x N cosines cos_mn, differentiable; B x C x M x N plans T_mn, constant): the plan of class c
         moves mass 1/M out of every local feature and exactly 1/N into every prompt.
     """
-    b, m, _ = local.shape
-    n, c, _ = text.shape
     sim = torch.einsum("bmd,ncd->bcmn", local, text)
-    with torch.no_grad():
-        flat = sim.reshape(b * c, m, n)
-        kernel = torch.exp(-(1.0 - flat) / eps)
-        u = flat.new_full((b * c, m), 1.0 / m)
-        v = flat.new_full((b * c, n), 1.0 / n)
-        plan = sinkhorn(kernel, u, v, max_iter, thresh).view(b, c, m, n)
-    return sim, plan
+    return sim, similarity_plans(sim, eps, max_iter, thresh)
+
+
+@torch.no_grad()
+def similarity_plans(sim: torch.Tensor, eps: float = 0.1, max_iter: int = 100, thresh: float = 1e-2) -> torch.Tensor:
+    """PLOT's transport plans for given similarities: cost 1 - sim, uniform marginals, all B x C problems in one
+    Sinkhorn run (so the stopping rule is the batch's, as the official code).
+
+    Args:
+        sim: B x C x M x N similarities between M sources (local image features) and N targets (prompts).
+        eps, max_iter, thresh: See :func:`transport_plans`.
+
+    Returns:
+        B x C x M x N plans, constant (no gradient).
+    """
+    b, c, m, n = sim.shape
+    flat = sim.reshape(b * c, m, n)
+    kernel = torch.exp(-(1.0 - flat) / eps)
+    u = flat.new_full((b * c, m), 1.0 / m)
+    v = flat.new_full((b * c, n), 1.0 / n)
+    return sinkhorn(kernel, u, v, max_iter, thresh).view(b, c, m, n)
 
 
 def ot_similarity(
@@ -592,7 +604,28 @@ def build_prompt_classifier(
     if method not in METHODS:
         raise ValueError(f"unknown few-shot method {method!r}; use one of {sorted(METHODS)}")
     names = check_classes(class_names, num_classes, need_names=True)
-    loaded = load_clip(clip_model, pretrained)
+    options = dict(n_ctx=n_ctx, ctx_init=ctx_init, class_specific=class_specific,
+                   class_token_position=class_token_position, n_prompts=n_prompts, ctx_std=ctx_std, eps=eps,
+                   max_iter=max_iter, thresh=thresh, global_logits=global_logits)  # fmt: skip
+    return prompt_classifier_from_clip(method, load_clip(clip_model, pretrained), names, **options)
+
+
+def prompt_classifier_from_clip(
+    method: str,
+    loaded: LoadedCLIP,
+    names: Sequence[str],
+    n_ctx: int = 16,
+    ctx_init: str | None = None,
+    class_specific: bool = False,
+    class_token_position: str = "end",
+    n_prompts: int | None = None,
+    ctx_std: float = 0.02,
+    eps: float = 0.1,
+    max_iter: int = 100,
+    thresh: float = 1e-2,
+    global_logits: bool = False,
+) -> CoOp | CoCoOp | PLOT:
+    """:func:`build_prompt_classifier` over a CLIP already loaded (its weights become the classifier's, frozen)."""
     model = loaded.model
     model.requires_grad_(False)
     n_prompts = n_prompts if n_prompts is not None else (4 if method == "plot" else 1)
@@ -663,6 +696,8 @@ __all__ = [
     "ZeroShotClassifier",
     "build_prompt_classifier",
     "ot_similarity",
+    "prompt_classifier_from_clip",
+    "similarity_plans",
     "sinkhorn",
     "transport_plans",
 ]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from clipdense.data.fewshot import ImageItems, export_shapesworld_fewshot, few_shot_splits, read_fewshot_dataset
 from clipdense.fileio import atomic_write_json
+from clipdense.inference.adapters import is_adapter
 from clipdense.inference.fewshot import (
     FewShotConfig,
     build_fewshot_model,
@@ -75,7 +76,8 @@ def _check_resume(run_dir, cfg: FewShotConfig) -> None:
 def train_fewshot(
     cfg: FewShotConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None
 ) -> dict[str, Any]:
-    """Train CoOp or PLOT as the config says; returns a summary (step, finished, losses, run directory).
+    """Train CoOp, CoCoOp or PLOT as the config says, or build and tune a cache adapter
+    (:func:`clipdense.training.adapters.train_adapter`); returns a summary (step, finished, losses, run directory).
 
     Args:
         cfg: The experiment.
@@ -86,6 +88,10 @@ def train_fewshot(
     Raises:
         ValueError: The run directory holds checkpoints and ``resume`` is off, or the config changed on resume.
     """
+    if is_adapter(cfg.model.name):
+        from clipdense.training.adapters import train_adapter
+
+        return train_adapter(cfg, resume, progress, stop_after)
     device = _device(cfg.train.device, 0, 1)
     run_dir = cfg.resolved_run_dir()
     ckpt = latest_checkpoint(run_dir) if resume else None
