@@ -8,6 +8,7 @@ and cache adapters (Tip-Adapter, Tip-Adapter-F, PLOT-Adapter).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     """Prints the top-k classes of every image."""
     from PIL import Image
 
-    from clipdense.inference.fewshot import classify, load_fewshot_run
+    from clipdense.inference.fewshot import Classification, classify, explain, load_fewshot_run
 
     run = _check_run(args.checkpoint)
     missing = [p for p in args.images if not Path(p).is_file()]
@@ -134,14 +135,19 @@ def cmd_classify(args: argparse.Namespace) -> None:
                 images.append(im.convert("RGB"))
         except OSError as e:
             raise OSError(f"cannot read image {p}: {e}") from e
-    results = classify(model, images, top_k=args.top_k)
+    if args.explain:  # one pass serves both: the plans of the top classes and the top-k list
+        explanations = explain(model, images, top_k=max(args.top_k, args.explain_top))
+        results = [Classification(e.top.labels[: args.top_k], e.top.names[: args.top_k], e.top.probs[: args.top_k])
+                   for e in explanations]  # fmt: skip
+    else:
+        results = classify(model, images, top_k=args.top_k)
     for path, r in zip(args.images, results, strict=True):
         print(f"{path}: " + ", ".join(f"{n} {100 * p:.1f}%" for n, p in zip(r.names, r.probs, strict=True)))
     if args.out:
         rows = [{"image": p, "labels": r.labels, "classes": r.names, "probs": r.probs}
                 for p, r in zip(args.images, results, strict=True)]  # fmt: skip
         if args.explain:
-            for row, written in zip(rows, _write_explanations(model, images, args.images, args), strict=True):
+            for row, written in zip(rows, _write_explanations(explanations, args.images, args), strict=True):
                 row["explained"] = written
             write_json(Path(args.out) / "classify.json", rows)
             print(f"saved the transport plans and classify.json to {args.out}")
@@ -149,19 +155,23 @@ def cmd_classify(args: argparse.Namespace) -> None:
             write_json(Path(args.out), rows)
 
 
-def _write_explanations(model, images, paths: list[str], args: argparse.Namespace) -> list[list[dict]]:
-    """Write one PNG per (image, top class, prompt set) and a grid per image; returns what each image got."""
+def _write_explanations(explanations, paths: list[str], args: argparse.Namespace) -> list[list[dict]]:
+    """Write one PNG per (image, top class, prompt set) and a grid per image for the ``--explain-top`` classes;
+    returns what each image got."""
     import re
 
-    from clipdense.inference.fewshot import explain
+    from clipdense.inference.fewshot import Classification
     from clipdense.visualize import plan_grid, plan_heatmap
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     stems = [Path(p).stem for p in paths]
-    for i, (stem, ex) in enumerate(zip(stems, explain(model, images, top_k=args.explain_top), strict=True)):
+    for i, (stem, ex) in enumerate(zip(stems, explanations, strict=True)):
         stem = f"{stem}_{i}" if stems.count(stem) > 1 else stem
+        k = min(args.explain_top, len(ex.top.names))
+        top = Classification(ex.top.labels[:k], ex.top.names[:k], ex.top.probs[:k])
+        ex = dataclasses.replace(ex, top=top, plans=ex.plans[:k], shares=ex.shares[:k])
         vmax = float(ex.plans.max())  # one scale for every map of the image: they compare
         n = ex.plans.shape[1]
         rows, entries = [], []

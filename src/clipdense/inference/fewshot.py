@@ -41,7 +41,9 @@ class FewShotModelConfig:
         ``plot_adapter_rn50``.
     pretrained: CLIP weights: an open_clip tag, a local file, or null for random weights.
     overrides: Builder options (``clip_model``, ``n_ctx``, ``ctx_init``, ``class_specific``,
-        ``class_token_position``, ``n_prompts``, ``eps``, ``max_iter``, ``thresh``, ``global_logits``).
+        ``class_token_position``, ``n_prompts``, ``eps``, ``max_iter``, ``thresh``, ``global_logits``; the adapters':
+        ``templates``, ``eps``, ``plot_weight``, and ``cache_size`` and ``plot_options``, filled in when the run
+        starts).
     class_names: Filled in from the dataset when the run starts.
     """
 

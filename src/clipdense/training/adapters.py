@@ -161,11 +161,11 @@ def _attach_plot(cfg: FewShotConfig, recipe: AdapterRecipe, class_names: Sequenc
     if not plot_cfg.model.name.startswith("plot_") or not hasattr(plot, "explain"):
         raise ValueError(f"adapter.plot_run={recipe.plot_run} is a {plot_cfg.model.name} run, not a PLOT run")
     differ = [f"{k}: {mine[k]!r} here, {theirs[k]!r} there" for k in mine if mine[k] != theirs[k]]
-    if list(plot.class_names) != [n.replace("_", " ") for n in plot_cfg.model.class_names] or differ:
-        raise ValueError(f"the PLOT run {recipe.plot_run} does not fit this run ({'; '.join(differ) or 'classes'})")
-    cfg.model.overrides["plot_options"] = {k: v for k, v in plot_cfg.model.overrides.items() if k != "clip_model"}
     if plot_cfg.model.class_names != list(class_names):
-        raise ValueError(f"the PLOT run {recipe.plot_run} has other classes than this run's split")
+        differ.append("other classes")
+    if differ:
+        raise ValueError(f"the PLOT run {recipe.plot_run} does not fit this run ({'; '.join(differ)})")
+    cfg.model.overrides["plot_options"] = {k: v for k, v in plot_cfg.model.overrides.items() if k != "clip_model"}
     return plot
 
 
