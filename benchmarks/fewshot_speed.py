@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 
-
 #: Each method's batch in its recipe (CoOp's configs, PLOT's ``plot-coop/train.py``, CoCoOp's, Tip-Adapter's main.py).
 RECIPE_BATCH = {"coop": 32, "plot": 128, "cocoop": 1, "tip_adapter_f": 256, "plot_adapter": 256}
 ADAPTERS = ("tip_adapter_f", "plot_adapter")
