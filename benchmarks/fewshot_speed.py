@@ -186,8 +186,10 @@ def main() -> None:
         b = base[r["classes"]]
         train, infer = r["train_ms"] / r["batch"], r["infer_ms"] / r["batch"]
         ratios = f"{train / (b['train_ms'] / b['batch']):.2f}x | {infer / (b['infer_ms'] / b['batch']):.2f}x"
-        print(f"| {r['method']} | {r['classes']} | {r['batch']} | {r['train_ms']:.0f} | {train:.1f} | {infer:.1f} | "
-              f"{ratios} | {r['peak_mib']:.0f} |")
+        print(
+            f"| {r['method']} | {r['classes']} | {r['batch']} | {r['train_ms']:.0f} | {train:.1f} | {infer:.1f} | "
+            f"{ratios} | {r['peak_mib']:.0f} |"
+        )
 
 
 if __name__ == "__main__":
