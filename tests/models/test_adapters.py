@@ -139,7 +139,8 @@ def test_plot_adapter_fuses_as_the_official_test():
     model.cache.beta.fill_(2.0)
     images = torch.randn(2, 3, model.image_size, model.image_size, generator=g)
     glob, local = model.plot.image_features(images)
-    text = model.plot.text_features().view(4, 3, -1)
+    raw = model.plot.raw_text_features().view(4, 3, -1)
+    text = F.normalize(raw, dim=-1)
     scale = model.plot.logit_scale.exp()
     sim = torch.einsum("bmd,ncd->bcmn", local, text)
     plan = _official_sinkhorn(
@@ -147,7 +148,7 @@ def test_plot_adapter_fuses_as_the_official_test():
         torch.full((6, sim.shape[2]), 1 / sim.shape[2]),
         torch.full((6, 4), 0.25),
     ).view_as(sim)
-    custom = 0.5 * scale * (plan * sim).sum(dim=(2, 3)) + 0.5 * scale * glob @ F.normalize(text.mean(0), dim=-1).t()
+    custom = 0.5 * scale * (plan * sim).sum(dim=(2, 3)) + 0.5 * scale * glob @ F.normalize(raw.mean(0), dim=-1).t()
     tip = _official_tip_plot(local.permute(1, 0, 2), model.cache.keys.weight, model.cache.values, 2.0, 3, 1, 0.3)
     zero_shot = 100.0 * glob @ model.cache.clip_weights.t()
     torch.testing.assert_close(model(images), zero_shot + 0.7 * tip + 0.5 * custom, rtol=1e-5, atol=1e-3)

@@ -298,3 +298,28 @@ def test_explain_plans_are_forwards_and_keep_their_marginals():
     assert torch.allclose(ex.plans[1, 1], plan.t().reshape(3, h, w), atol=1e-6)
     per_prompt = (plan * cos).sum(dim=0)
     assert torch.allclose(ex.shares[1, 1], per_prompt / per_prompt.sum(), atol=1e-5)
+
+
+def test_plot_global_term_pools_the_raw_prompt_features():
+    """ImageNet's PLOT adds ``logit_scale * f @ normalize(mean_n(text_n)).T``, the N prompt features averaged before
+    they are normalised (``text_feature_pool = text_features.mean(dim=0)`` precedes ``F.normalize``)."""
+    model = _model("plot_rn50", n_prompts=3, global_logits=True).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        glob, local = model.image_features(images)
+        raw = model.raw_text_features().view(3, len(NAMES), -1)
+        norms = raw.norm(dim=-1)
+        assert (norms.max(dim=0).values / norms.min(dim=0).values).min() > 1.001  # the two orders differ here
+        text = F.normalize(raw, dim=-1)
+        sim = torch.einsum("bmd,ncd->bcmn", local, text)
+        p, m = 2 * len(NAMES), sim.shape[2]  # B x C transport problems
+        kernel = torch.exp(-(1 - sim.reshape(p, m, 3)) / model.eps)
+        u, v = torch.full((p, m), 1 / m), torch.full((p, 3), 1 / 3)
+        plan = sinkhorn(kernel, u, v, model.max_iter, model.thresh).view_as(sim)
+        scale = model.logit_scale.exp()
+        official = scale * (plan * sim).sum(dim=(2, 3)) + scale * glob @ F.normalize(raw.mean(dim=0), dim=-1).t()
+        torch.testing.assert_close(model(images), official, rtol=1e-5, atol=1e-5)
+        model.cache_text_features()
+        torch.testing.assert_close(model(images), official, rtol=1e-5, atol=1e-5)
+        pooled_after = scale * glob @ F.normalize(text.mean(dim=0), dim=-1).t()
+        assert not torch.allclose(official, scale * (plan * sim).sum(dim=(2, 3)) + pooled_after, atol=1e-6)

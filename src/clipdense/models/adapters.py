@@ -247,10 +247,11 @@ class PLOTAdapter(_CacheAdapter):
     @torch.no_grad()
     def plot_logits(self, global_feat: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """PLOT's logits as the adapter's ``CustomCLIP`` computes them: 0.5 (OT logits + global logits), the global
-        ones against the (renormalised) mean of the N prompt features."""
+        ones against the normalised mean of the N raw prompt features."""
         plot = self.plot
-        text = plot.text_features().view(plot.prompt_learner.n_prompts, plot.num_classes, -1)
-        sim, plan = transport_plans(local.to(text.dtype), text, plot.eps, plot.max_iter, plot.thresh)
+        text = plot.raw_text_features().view(plot.prompt_learner.n_prompts, plot.num_classes, -1)
+        sim, plan = transport_plans(local.to(text.dtype), F.normalize(text, dim=-1), plot.eps, plot.max_iter,
+                                    plot.thresh)  # fmt: skip
         scale = plot.logit_scale.exp()
         pool = F.normalize(text.mean(dim=0), dim=-1)
         return (0.5 * scale * ((plan * sim).sum(dim=(2, 3)) + global_feat.to(pool.dtype) @ pool.t())).float()

@@ -334,13 +334,17 @@ class _PromptClassifier(nn.Module):
 
     @torch.no_grad()
     def cache_text_features(self) -> torch.Tensor:
-        """Compute and keep the (N*C) x D normalised text features of the learned contexts; returns them."""
+        """Compute and keep the (N*C) x D text features of the learned contexts; returns them l2-normalised."""
         self.text_cache = None
-        self.text_cache = self.text_features()
-        return self.text_cache
+        self.text_cache = self.raw_text_features()
+        return self.text_features()
 
     def text_features(self) -> torch.Tensor:
-        """(N*C) x D l2-normalised prompt features (N-major); the cache when present."""
+        """(N*C) x D l2-normalised prompt features (N-major)."""
+        return F.normalize(self.raw_text_features(), dim=-1)
+
+    def raw_text_features(self) -> torch.Tensor:
+        """(N*C) x D prompt features as the text encoder gives them, before normalisation; the cache when present."""
         if self.text_cache is not None:
             return self.text_cache
         pl = self.prompt_learner
@@ -350,7 +354,7 @@ class _PromptClassifier(nn.Module):
             text = self.text_encoder.forward_shared_prefix(*split, pl.token_ids.argmax(dim=-1)).flatten(0, 1)
         else:
             text = self.text_encoder(pl(embedded), pl.eot_index)
-        return F.normalize(text, dim=-1)
+        return text
 
 
 class CoOp(_PromptClassifier):
@@ -489,16 +493,19 @@ class PLOT(_PromptClassifier):
         """Args:
             global_feat: B x D normalised global image features (used with ``global_logits`` only).
             local: B x M x D normalised local features.
-            text: (N*C) x D normalised text features, N-major.
+            text: (N*C) x D prompt features before normalisation (:meth:`raw_text_features`), N-major.
 
         Returns:
             B x C logits.
         """
         text = text.view(self.prompt_learner.n_prompts, self.num_classes, -1)
-        return self._logits(global_feat, text, *transport_plans(local, text, self.eps, self.max_iter, self.thresh))
+        plans = transport_plans(local, F.normalize(text, dim=-1), self.eps, self.max_iter, self.thresh)
+        return self._logits(global_feat, text, *plans)
 
     def _logits(self, global_feat: torch.Tensor, text: torch.Tensor, sim: torch.Tensor, plan: torch.Tensor):
-        """B x C logits from the N x C x D text features and the B x C x M x N cosines and plans."""
+        """B x C logits from the N x C x D prompt features (before normalisation) and the B x C x M x N cosines and
+        plans. The global term pools the prompts as the official code: the mean of the N raw prompt features, then
+        normalised (not the mean of the normalised ones)."""
         scale = self.logit_scale.exp()
         logits = scale * (plan * sim).sum(dim=(2, 3))
         if self.global_logits:
@@ -513,7 +520,7 @@ class PLOT(_PromptClassifier):
             B x C logits exp(logit_scale) * sum_mn T_mn cos(local_m, prompt_n of the class).
         """
         global_feat, local = self.image_features(images)
-        return self.logits_from_features(global_feat, local, self.text_features())
+        return self.logits_from_features(global_feat, local, self.raw_text_features())
 
     @torch.no_grad()
     def explain(self, images: torch.Tensor, top_k: int = 3) -> TransportExplanation:
@@ -528,8 +535,8 @@ class PLOT(_PromptClassifier):
             row-major as the local features.
         """
         global_feat, local, (h, w) = self._encode(images)
-        text = self.text_features().view(self.prompt_learner.n_prompts, self.num_classes, -1)
-        sim, plan = transport_plans(local, text, self.eps, self.max_iter, self.thresh)  # B x C x M x N: forward's
+        text = self.raw_text_features().view(self.prompt_learner.n_prompts, self.num_classes, -1)
+        sim, plan = transport_plans(local, F.normalize(text, dim=-1), self.eps, self.max_iter, self.thresh)  # forward's
         logits = self._logits(global_feat, text, sim, plan)
         classes = logits.topk(min(top_k, self.num_classes), dim=-1).indices  # B x K
         pick = classes[:, :, None, None].expand(-1, -1, *plan.shape[2:])
