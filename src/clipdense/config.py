@@ -73,6 +73,11 @@ class OptimConfig:
     Attributes:
         schedule: ``poly`` (mmseg: power, min_lr) or ``step`` (mmdet: x step_gamma at each of ``steps``).
         steps: Step-schedule milestones, in epochs when ``train.epochs`` is set, else in iterations.
+        no_decay: The parameters without weight decay. ``norm``: the authors' configs (mmcv ``custom_keys``
+            ``backbone`` lr x 0.1, ``norm`` decay x 0, the longer key matched first): every trainable parameter
+            whose name contains ``norm`` outside the image backbone (the context decoder's ``norm1..3``, PPL's
+            decoder norms). ``context_decoder_1d``: every 1-d parameter of the context decoder (biases and the
+            projections' LayerNorms too; clipdense's rule before it matched the authors').
     """
 
     name: Literal["adamw", "sgd"] = "adamw"
@@ -83,6 +88,7 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     backbone_lr_mult: float = 0.1
+    no_decay: Literal["norm", "context_decoder_1d"] = "norm"
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     power: float = 0.9

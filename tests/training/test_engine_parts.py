@@ -68,19 +68,56 @@ def test_step_schedule_with_warmup_as_mmdet():
         lr_factor(0, OptimConfig(schedule="cosine"), 10, 1.0)
 
 
-def test_param_groups_backbone_multiplier_frozen_and_no_decay():
+def _denseclip_like() -> nn.Module:
+    """Parameter names as the authors' DenseCLIP model has them (backbone, text encoder, context decoder, head)."""
+    layer = nn.Module()
+    layer.norm1, layer.linear = nn.LayerNorm(2), nn.Linear(2, 2)
     model = nn.Module()
-    model.backbone = nn.Linear(2, 2)
+    model.backbone = nn.Sequential(nn.Linear(2, 2))
+    model.backbone.norm = nn.LayerNorm(2)  # a backbone norm: the longer key "backbone" wins, so it decays
     model.text_encoder = nn.Linear(2, 2).requires_grad_(False)
-    model.context_decoder = nn.Sequential(nn.LayerNorm(2), nn.Linear(2, 2))
-    model.decode_head = nn.Linear(2, 2)
+    model.context_decoder = nn.Module()
+    model.context_decoder.memory_proj = nn.Sequential(nn.LayerNorm(2), nn.Linear(2, 2))
+    model.context_decoder.decoder = nn.ModuleList([layer])
+    model.decode_head = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+    model.gamma = nn.Parameter(torch.ones(2))
+    return model
+
+
+def _mmcv_custom_keys(name: str, base_lr: float, base_wd: float) -> tuple[float, float]:
+    """mmcv's DefaultOptimizerConstructor with the authors' custom_keys, written out: keys sorted by length
+    (longest first), the first key contained in the name sets lr_mult and decay_mult."""
+    keys = {"backbone": (0.1, 1.0), "text_encoder": (0.0, 1.0), "norm": (1.0, 0.0)}
+    for key in sorted(sorted(keys), key=len, reverse=True):
+        if key in name:
+            return base_lr * keys[key][0], base_wd * keys[key][1]
+    return base_lr, base_wd
+
+
+def test_param_groups_follow_the_authors_custom_keys():
+    model = _denseclip_like()
     groups = param_groups(model, OptimConfig(lr=1.0, weight_decay=0.5, backbone_lr_mult=0.1))
     by_param = {id(p): g for g in groups for p in g["params"]}
-    assert by_param[id(model.backbone.weight)]["lr"] == pytest.approx(0.1)
-    assert id(model.text_encoder.weight) not in by_param
-    assert by_param[id(model.context_decoder[0].weight)]["weight_decay"] == 0.0
-    assert by_param[id(model.context_decoder[1].weight)]["weight_decay"] == 0.5
-    assert by_param[id(model.decode_head.weight)]["lr"] == 1.0
+    assert id(model.text_encoder.weight) not in by_param  # frozen (lr x 0 there)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert (by_param[id(p)]["lr"], by_param[id(p)]["weight_decay"]) == pytest.approx(
+                _mmcv_custom_keys(name, 1.0, 0.5)
+            ), name
+    assert by_param[id(model.context_decoder.memory_proj[0].weight)]["weight_decay"] == 0.5  # not "norm" by name
+
+
+def test_param_groups_context_decoder_1d_option():
+    model = _denseclip_like()
+    cfg = OptimConfig(lr=1.0, weight_decay=0.5, no_decay="context_decoder_1d")
+    by_param = {id(p): g for g in param_groups(model, cfg) for p in g["params"]}
+    cd = model.context_decoder
+    for p in (cd.memory_proj[0].weight, cd.memory_proj[1].bias, cd.decoder[0].norm1.weight):
+        assert by_param[id(p)]["weight_decay"] == 0.0
+    assert by_param[id(cd.memory_proj[1].weight)]["weight_decay"] == 0.5
+    assert by_param[id(model.backbone.norm.weight)]["weight_decay"] == 0.5
+    with pytest.raises(ValueError, match="no_decay"):
+        param_groups(model, OptimConfig(no_decay="bias"))
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):

@@ -120,8 +120,9 @@ class SeededSamples(Dataset):
 
 
 def param_groups(model: nn.Module, cfg) -> list[dict[str, Any]]:
-    """AdamW groups: backbone at ``lr * backbone_lr_mult``; no weight decay on the context decoder's
-    norms (and on 1-d parameters of the context decoder); frozen parameters (text encoder) left out.
+    """AdamW groups: backbone at ``lr * backbone_lr_mult``; no weight decay on the parameters that
+    ``cfg.no_decay`` names (default: those named ``*norm*`` outside the backbone, as the authors' configs);
+    frozen parameters (text encoder) left out.
 
     The image backbone's and context decoder's parameter names start with ``model.backbone_prefix`` /
     ``model.context_decoder_prefix`` when the model says so (detectors nest them), else ``backbone.`` /
@@ -132,8 +133,15 @@ def param_groups(model: nn.Module, cfg) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        mult = cfg.backbone_lr_mult if name.startswith(backbone) else 1.0
-        wd = 0.0 if name.startswith(context_decoder) and p.ndim == 1 else cfg.weight_decay
+        in_backbone = name.startswith(backbone)
+        mult = cfg.backbone_lr_mult if in_backbone else 1.0
+        if cfg.no_decay == "norm":
+            exempt = "norm" in name and not in_backbone
+        elif cfg.no_decay == "context_decoder_1d":
+            exempt = name.startswith(context_decoder) and p.ndim == 1
+        else:
+            raise ValueError(f"optim.no_decay={cfg.no_decay!r}: use 'norm' or 'context_decoder_1d'")
+        wd = 0.0 if exempt else cfg.weight_decay
         groups.setdefault((mult, wd), []).append(p)
     return [{"params": ps, "lr": cfg.lr * m, "weight_decay": wd, "lr_mult": m} for (m, wd), ps in groups.items()]
 
