@@ -1,6 +1,7 @@
 """CoOp and PLOT: the Sinkhorn plan against POT, PLOT's reduction to CoOp, prompt assembly, and what a step trains."""
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,6 +186,26 @@ def test_ctx_init_from_words():
     torch.testing.assert_close(pl.ctx[0, 0], emb[0, 1:5])  # the words' own embeddings
     with pytest.raises(ValueError, match="identical"):
         _model("plot_rn50", ctx_init="a photo of a")
+
+
+def test_ctx_init_counts_words_as_the_official_code():
+    """The official prompt learner: ``n_ctx = len(ctx_init.split(" "))``, the contexts are the embeddings of the
+    phrase's first n_ctx BPE tokens, the rest of "<phrase> <name>." stays fixed; CSC is ignored with an init."""
+    phrase = "a low-resolution photo of a"  # 5 words, 7 BPE tokens ("low", "-", "resolution")
+    model = _model("coop_rn50", ctx_init=phrase, class_specific=True)
+    pl = model.prompt_learner
+    tokenizer = open_clip.get_tokenizer("tiny-RN")
+    ids = tokenizer([f"{phrase} {NAMES[1]}."])[0]
+    emb = model.text_encoder.token_embedding
+    assert pl.n_ctx == len(phrase.split(" ")) == 5 and pl.ctx.shape[1] == 1  # shared, despite class_specific
+    torch.testing.assert_close(pl.ctx[0, 0], emb(ids[1:6]))
+    prompts = pl(emb(pl.token_ids))
+    length = pl.token_ids.shape[1]
+    torch.testing.assert_close(prompts[1, 6:], emb(ids[6:length]))  # "of a <name>." and EOT, fixed
+    tokens = _model("coop_rn50", ctx_init=phrase, class_specific=True, ctx_init_length="tokens").prompt_learner
+    assert tokens.n_ctx == 7 and tokens.ctx.shape[1] == len(NAMES)
+    with pytest.raises(ValueError, match="ctx_init_length"):
+        _model("coop_rn50", ctx_init=phrase, ctx_init_length="bpe")
 
 
 def test_random_init_std():

@@ -20,6 +20,7 @@ Everything here is a pure ``nn.Module``; the builders load CLIP through :func:`c
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from clipdense.models.text import FrozenCLIPTextEncoder
 
 #: Where the class name goes relative to the learned contexts (CoOp's ``CLASS_TOKEN_POSITION``).
 CLASS_TOKEN_POSITIONS: tuple[str, ...] = ("end", "middle", "front")
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- optimal transport
@@ -167,13 +170,18 @@ class PromptLearner(nn.Module):
         tokenizer: open_clip tokenizer (``tokenizer(list_of_texts)`` -> T x context_length ids).
         class_names: C class names (entries with synonyms are prompted with their first name; ``_`` -> space).
         width: Token width of the text transformer.
-        n_ctx: Number of context vectors (CoOp/PLOT: 16). Ignored when ``ctx_init`` is given: it has as many
-            vectors as the initial words have tokens.
+        n_ctx: Number of context vectors (CoOp/PLOT: 16). Ignored when ``ctx_init`` is given (see
+            ``ctx_init_length``).
         ctx_init: Words whose token embeddings initialise the contexts (e.g. "a photo of a"); None draws them from
             N(0, ``ctx_std``^2).
         token_embedding: CLIP's token embedding, needed to initialise from ``ctx_init`` only.
-        class_specific: One context per class (CoOp's CSC) instead of one shared by all classes. With
-            ``ctx_init`` every class starts from the init words (the official code ignores CSC with an init).
+        class_specific: One context per class (CoOp's CSC) instead of one shared by all classes.
+        ctx_init_length: How an init phrase sets the contexts. ``words`` (the official code): as many contexts as
+            the phrase has space-separated words, initialised from its first that many BPE tokens (a word of
+            several tokens leaves the phrase's last tokens fixed, between the contexts and the class name), and
+            one context shared by the classes even with ``class_specific`` (CSC is ignored with an init).
+            ``tokens``: one context per BPE token of the phrase, all learned, and per class with
+            ``class_specific``.
         class_token_position: ``end``, ``middle`` or ``front``.
         n_prompts: N prompt sets (PLOT: 4). Their contexts must differ, so N > 1 needs the random initialisation.
         ctx_std: Std of the random initialisation (0.02).
@@ -191,8 +199,11 @@ class PromptLearner(nn.Module):
         class_token_position: str = "end",
         n_prompts: int = 1,
         ctx_std: float = 0.02,
+        ctx_init_length: str = "words",
     ) -> None:
         super().__init__()
+        if ctx_init_length not in ("words", "tokens"):
+            raise ValueError(f"unknown ctx_init_length {ctx_init_length!r}; use 'words' or 'tokens'")
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(
                 f"unknown class_token_position {class_token_position!r}; use one of {CLASS_TOKEN_POSITIONS}"
@@ -212,10 +223,13 @@ class PromptLearner(nn.Module):
                 raise ValueError("ctx_init needs CLIP's token_embedding")
             prefix = " ".join(ctx_init.replace("_", " ").split())
             init_ids = tokenizer([prefix])[0]
-            n_ctx = int((init_ids != 0).sum()) - 2
+            n_ctx = len(prefix.split(" ")) if ctx_init_length == "words" else int((init_ids != 0).sum()) - 2
             with torch.no_grad():
                 init = token_embedding(init_ids[1 : 1 + n_ctx]).float()
-            count = len(names) if class_specific else 1
+            if class_specific and ctx_init_length == "words":
+                logger.warning("class_specific is ignored with ctx_init, as in the official code (one context "
+                               "shared by the classes); ctx_init_length='tokens' keeps one per class")  # fmt: skip
+            count = len(names) if class_specific and ctx_init_length == "tokens" else 1
             ctx = init[None, None].repeat(n_prompts, count, 1, 1)
         else:
             prefix = " ".join(["X"] * n_ctx)
@@ -588,6 +602,7 @@ def build_prompt_classifier(
     class_token_position: str = "end",
     n_prompts: int | None = None,
     ctx_std: float = 0.02,
+    ctx_init_length: str = "words",
     eps: float = 0.1,
     max_iter: int = 100,
     thresh: float = 1e-2,
@@ -601,7 +616,8 @@ def build_prompt_classifier(
         num_classes: C, checked against the names.
         pretrained: CLIP weights (see :func:`clipdense.clip.loading.load_clip`).
         clip_model: CLIP architecture (``RN50``, ``ViT-B-16``, ``ShapesCLIP-RN``, ...).
-        n_ctx, ctx_init, class_specific, class_token_position, ctx_std: See :class:`PromptLearner`.
+        n_ctx, ctx_init, class_specific, class_token_position, ctx_std, ctx_init_length: See
+            :class:`PromptLearner`.
         n_prompts: Prompt sets N (default: 1 for CoOp, 4 for PLOT).
         eps, max_iter, thresh, global_logits: PLOT only; see :class:`PLOT`.
 
@@ -612,8 +628,9 @@ def build_prompt_classifier(
         raise ValueError(f"unknown few-shot method {method!r}; use one of {sorted(METHODS)}")
     names = check_classes(class_names, num_classes, need_names=True)
     options = dict(n_ctx=n_ctx, ctx_init=ctx_init, class_specific=class_specific,
-                   class_token_position=class_token_position, n_prompts=n_prompts, ctx_std=ctx_std, eps=eps,
-                   max_iter=max_iter, thresh=thresh, global_logits=global_logits)  # fmt: skip
+                   class_token_position=class_token_position, n_prompts=n_prompts, ctx_std=ctx_std,
+                   ctx_init_length=ctx_init_length, eps=eps, max_iter=max_iter, thresh=thresh,
+                   global_logits=global_logits)  # fmt: skip
     return prompt_classifier_from_clip(method, load_clip(clip_model, pretrained), names, **options)
 
 
@@ -627,12 +644,15 @@ def prompt_classifier_from_clip(
     class_token_position: str = "end",
     n_prompts: int | None = None,
     ctx_std: float = 0.02,
+    ctx_init_length: str = "words",
     eps: float = 0.1,
     max_iter: int = 100,
     thresh: float = 1e-2,
     global_logits: bool = False,
 ) -> CoOp | CoCoOp | PLOT:
     """:func:`build_prompt_classifier` over a CLIP already loaded (its weights become the classifier's, frozen)."""
+    if method == "cocoop" and class_specific:
+        raise ValueError("CoCoOp's contexts are shared by the classes (not class-specific)")
     model = loaded.model
     model.requires_grad_(False)
     n_prompts = n_prompts if n_prompts is not None else (4 if method == "plot" else 1)
@@ -647,6 +667,7 @@ def prompt_classifier_from_clip(
         class_token_position=class_token_position,
         n_prompts=n_prompts,
         ctx_std=ctx_std,
+        ctx_init_length=ctx_init_length,
     )
     if method in ("coop", "cocoop"):
         out: CoOp | CoCoOp | PLOT = METHODS[method](model, learner)
