@@ -101,6 +101,27 @@ def test_k_shot_draw_is_dassl_and_reproducible(tmp_path):
     assert len(sample_few_shot(full.val, 16, random.Random(0))) == len(full.val)
 
 
+def test_k_shot_draw_before_october_2021_repeats(tmp_path):
+    """Dassl's ``repeat=True`` (its default until 2021-10-09, and Tip-Adapter's): ``random.choices(items, k)`` for a
+    class with fewer than k items, ``random.sample`` otherwise; the later classes' draws move with it."""
+    items = [Datum(f"{c}{i}.jpg", c, str(c)) for c, n in enumerate((10, 3, 10)) for i in range(n)]
+    old = sample_few_shot(items, 5, random.Random(3), repeat=True)
+    random.seed(3)
+    expected = []
+    for label in range(3):
+        group = [d for d in items if d.label == label]
+        expected += random.sample(group, 5) if len(group) >= 5 else random.choices(group, k=5)
+    assert old == expected
+    new = sample_few_shot(items, 5, random.Random(3))
+    assert [sum(d.label == k for d in new) for k in range(3)] == [5, 3, 5]
+    assert [sum(d.label == k for d in old) for k in range(3)] == [5, 5, 5]
+    assert new[:5] == old[:5] and new[8:] != old[10:]  # the first class alike; the third drawn from a moved generator
+    write_split_dataset(tmp_path, "dtd", per_class=(6, 2, 2))
+    full = read_fewshot_dataset("dtd", tmp_path)
+    assert len(few_shot_splits(full, 8, seed=1, repeat=True).train) == 8 * len(full.class_names)
+    assert len(few_shot_splits(full, 8, seed=1).train) == 6 * len(full.class_names)
+
+
 def test_same_draw_for_coop_and_plot(tmp_path):
     """The draw depends on dataset, shots and seed only: the training code gives CoOp and PLOT the same images."""
     from clipdense.inference.fewshot import load_fewshot_config

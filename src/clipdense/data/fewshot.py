@@ -23,7 +23,8 @@ name                folder                      what is read
 
 A split file holds ``{"train": [...], "val": [...], "test": [...]}``, each entry ``[relative path, label,
 class name]``. The k-shot draw (:func:`few_shot_splits`) is Dassl's ``generate_fewshot_dataset``: items grouped by
-label in order of first appearance, ``random.sample(items, k)`` per class (all items of a class with fewer), the
+label in order of first appearance, ``random.sample(items, k)`` per class (all items of a class with fewer, or,
+with ``data.repeat``, k of them drawn with replacement as Dassl before October 2021), the
 training split with k shots, then the validation split with min(k, 4), from one generator seeded with the run's
 seed. It depends on nothing but the dataset, k and the seed, so CoOp and PLOT runs of one seed see the same images.
 """
@@ -232,13 +233,16 @@ def read_fewshot_dataset(name: str, root: str | Path) -> FewShotSplits:
     return FewShotSplits(splits["train"], splits["val"], splits["test"], names)
 
 
-def sample_few_shot(items: Sequence[Datum], shots: int, rng: random.Random) -> list[Datum]:
-    """Dassl's ``generate_fewshot_dataset`` (``repeat=False``): ``shots`` items per class.
+def sample_few_shot(items: Sequence[Datum], shots: int, rng: random.Random, repeat: bool = False) -> list[Datum]:
+    """Dassl's ``generate_fewshot_dataset``: ``shots`` items per class.
 
     Args:
         items: The pool.
-        shots: Items per class; a class with fewer keeps all of its items.
+        shots: Items per class.
         rng: The generator (advanced by the draw).
+        repeat: What a class with fewer than ``shots`` items gets: False (Dassl since 2021-10-09) keeps all of its
+            items; True (Dassl before, the draw of the CoOp paper's runs, and Tip-Adapter's code) draws ``shots``
+            of them with replacement (``random.choices``), which also moves the generator for the later classes.
 
     Returns:
         The chosen items, class by class in order of first appearance.
@@ -250,12 +254,15 @@ def sample_few_shot(items: Sequence[Datum], shots: int, rng: random.Random) -> l
         by_label.setdefault(d.label, []).append(d)
     out = []
     for group in by_label.values():
-        out.extend(rng.sample(group, shots) if len(group) >= shots else group)
+        if len(group) >= shots:
+            out.extend(rng.sample(group, shots))
+        else:
+            out.extend(rng.choices(group, k=shots) if repeat else group)
     return out
 
 
 def few_shot_splits(
-    full: FewShotSplits, shots: int, seed: int, dataset: str = "", classes: str = "all"
+    full: FewShotSplits, shots: int, seed: int, dataset: str = "", classes: str = "all", repeat: bool = False
 ) -> FewShotSplits:
     """The k-shot splits of one seed, as the CoOp/PLOT code draws them.
 
@@ -270,10 +277,11 @@ def few_shot_splits(
         seed: The run's seed (1, 2, 3).
         dataset: The dataset's name (``imagenet`` keeps its validation set whole).
         classes: ``all``, or CoCoOp's ``base`` / ``new`` half of the classes.
+        repeat: Fill classes with fewer than k items by drawing with replacement (:func:`sample_few_shot`).
     """
     rng = random.Random(seed)
-    train = sample_few_shot(full.train, shots, rng)
-    val = full.val if dataset == "imagenet" else sample_few_shot(full.val, min(shots, 4), rng)
+    train = sample_few_shot(full.train, shots, rng, repeat)
+    val = full.val if dataset == "imagenet" else sample_few_shot(full.val, min(shots, 4), rng, repeat)
     return subsample_classes(FewShotSplits(train, val, full.test, full.class_names), classes)
 
 

@@ -92,7 +92,7 @@ def _split_items(cfg: FewShotConfig, split: str, root: str | None, classes: str)
     if split not in ("test", "val"):
         raise ValueError(f"unknown split {split!r}; use 'test' or 'val'")
     full = read_fewshot_dataset(cfg.data.dataset, root or cfg.data.root)
-    splits = few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset, classes)  # val: the run's
+    splits = few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset, classes, cfg.data.repeat)
     return (splits.test if split == "test" else splits.val), splits.class_names
 
 

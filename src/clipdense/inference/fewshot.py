@@ -63,6 +63,9 @@ class FewShotDataConfig:
         (:func:`clipdense.data.fewshot.subsample_classes`), then evaluate with ``--classes new``.
     crop_scale: Area range of the training random resized crop (Dassl's ``random_resized_crop``: 0.08..1).
     flip: Random horizontal flips in training (Dassl's ``random_flip``).
+    repeat: The k-shot draw fills a class with fewer than k images by drawing with replacement: Dassl before
+        2021-10-09 (the CoOp paper's runs) and Tip-Adapter's code. False (current Dassl) keeps all of its images.
+        Only classes with fewer than k images are affected (none of the ShapesWorld split).
     workers: DataLoader workers.
     """
 
@@ -72,6 +75,7 @@ class FewShotDataConfig:
     subsample_classes: str = "all"
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
+    repeat: bool = False
     workers: int = 4
 
 

@@ -151,13 +151,13 @@ def search_items(cfg: FewShotConfig, recipe: AdapterRecipe, kshot_val: Sequence[
 def _attach_plot(cfg: FewShotConfig, recipe: AdapterRecipe, class_names: Sequence[str]) -> nn.Module:
     """Load the PLOT run of ``adapter.plot_run``, check it fits the adapter run, and record its options."""
     plot, plot_cfg = load_fewshot_run(recipe.plot_run)
-    mine = {"data.dataset": cfg.data.dataset, "data.shots": cfg.data.shots, "train.seed": cfg.train.seed,
-            "data.subsample_classes": cfg.data.subsample_classes, "model.pretrained": cfg.model.pretrained,
-            "clip_model": cfg.model.overrides.get("clip_model", "RN50")}  # fmt: skip
-    theirs = {"data.dataset": plot_cfg.data.dataset, "data.shots": plot_cfg.data.shots,
-              "train.seed": plot_cfg.train.seed, "data.subsample_classes": plot_cfg.data.subsample_classes,
-              "model.pretrained": plot_cfg.model.pretrained,
-              "clip_model": plot_cfg.model.overrides.get("clip_model", "RN50")}  # fmt: skip
+    def draw(c: FewShotConfig) -> dict[str, Any]:  # what decides the k-shot images and the CLIP
+        d = c.data
+        return {"data.dataset": d.dataset, "data.shots": d.shots, "train.seed": c.train.seed,
+                "data.subsample_classes": d.subsample_classes, "data.repeat": d.repeat,
+                "model.pretrained": c.model.pretrained, "clip_model": c.model.overrides.get("clip_model", "RN50")}  # fmt: skip
+
+    mine, theirs = draw(cfg), draw(plot_cfg)
     if not plot_cfg.model.name.startswith("plot_") or not hasattr(plot, "explain"):
         raise ValueError(f"adapter.plot_run={recipe.plot_run} is a {plot_cfg.model.name} run, not a PLOT run")
     differ = [f"{k}: {mine[k]!r} here, {theirs[k]!r} there" for k in mine if mine[k] != theirs[k]]

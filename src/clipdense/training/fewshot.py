@@ -64,7 +64,8 @@ def prepare_splits(cfg: FewShotConfig):
     if cfg.data.dataset == "shapesworld":
         export_shapesworld_fewshot(cfg.data.root)
     full = read_fewshot_dataset(cfg.data.dataset, cfg.data.root)
-    return few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset, cfg.data.subsample_classes)
+    data = cfg.data
+    return few_shot_splits(full, data.shots, cfg.train.seed, data.dataset, data.subsample_classes, data.repeat)
 
 
 def _check_resume(run_dir, cfg: FewShotConfig) -> None:
