@@ -151,11 +151,18 @@ def search_items(cfg: FewShotConfig, recipe: AdapterRecipe, kshot_val: Sequence[
 def _attach_plot(cfg: FewShotConfig, recipe: AdapterRecipe, class_names: Sequence[str]) -> nn.Module:
     """Load the PLOT run of ``adapter.plot_run``, check it fits the adapter run, and record its options."""
     plot, plot_cfg = load_fewshot_run(recipe.plot_run)
+
     def draw(c: FewShotConfig) -> dict[str, Any]:  # what decides the k-shot images and the CLIP
         d = c.data
-        return {"data.dataset": d.dataset, "data.shots": d.shots, "train.seed": c.train.seed,
-                "data.subsample_classes": d.subsample_classes, "data.repeat": d.repeat,
-                "model.pretrained": c.model.pretrained, "clip_model": c.model.overrides.get("clip_model", "RN50")}  # fmt: skip
+        return {
+            "data.dataset": d.dataset,
+            "data.shots": d.shots,
+            "train.seed": c.train.seed,
+            "data.subsample_classes": d.subsample_classes,
+            "data.repeat": d.repeat,
+            "model.pretrained": c.model.pretrained,
+            "clip_model": c.model.overrides.get("clip_model", "RN50"),
+        }
 
     mine, theirs = draw(cfg), draw(plot_cfg)
     if not plot_cfg.model.name.startswith("plot_") or not hasattr(plot, "explain"):
