@@ -148,7 +148,7 @@ class EvalConfig:
 
 
 #: Evaluation presets (:mod:`clipdense.inference.presets`): the four methods, plus ClearCLIP's shipped config.
-PRESETS: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "clearclip-shipped", "naclip")
+PRESETS: tuple[str, ...] = ("maskclip", "sclip", "sclip-qk", "clearclip", "clearclip-shipped", "naclip")
 
 #: The datasets of the shared eight-dataset benchmark the presets cover, in the papers' column order.
 PRESET_DATASETS: tuple[str, ...] = (
@@ -168,6 +168,9 @@ class SegmenterConfig:
 
     Attributes:
         mode: Dense mode (``maskclip``, ``sclip``, ``clearclip``, ``naclip``, ``vanilla``).
+        pos_resize: ViT only: how the positional grid is resized to the token grid, ``size`` (exactly, as MaskCLIP
+            and DenseCLIP) or ``scale`` (DINO's scale factor, as SCLIP, ClearCLIP and NACLIP); None: the mode's
+            official rule (``scale`` for the successors' modes). The rules differ at non-square sizes.
         templates: Prompt template set (``ensemble`` = 80 ImageNet + 5 scene templates, MaskCLIP's;
             ``imagenet`` = the 80 of SCLIP, ClearCLIP and NACLIP; ``single``).
         short_side: Resize the shorter image side to this before inference (None: keep).
@@ -204,6 +207,7 @@ class SegmenterConfig:
     """
 
     mode: str = "maskclip"
+    pos_resize: Literal["size", "scale"] | None = None
     templates: str = "ensemble"
     short_side: int | None = 336
     resize: Literal["torchvision", "mmcv"] = "torchvision"

@@ -27,6 +27,9 @@ OFFICIAL_SETTINGS = {
     ("clearclip", "cocoobject"): dict(background_threshold=0.4),
     ("clearclip", "cityscapes"): dict(window=224, stride=224, background_threshold=None),
     ("clearclip-shipped", "ade20k"): dict(mode="clearclip_qk", window=448),
+    # SCLIP's encode_image(csa=False): q-k attention with residual and FFN, interpolate_pos_encoding (scale factor)
+    ("sclip-qk", "voc21"): dict(mode="vanilla", pos_resize="scale", logit_scale=65.0, background_threshold=0.1,
+                                area_threshold=0.1, short_side=336, window=224, stride=112),
     # NACLIP: logit_scale 40, PAMR 10 steps (8, 16) by default, VOC on the whole image, Cityscapes (2048, 560)
     ("naclip", "voc21"): dict(mode="naclip", window=None, logit_scale=40.0, background_threshold=0.1,
                               pamr_steps=10, pamr_dilations=(8, 16), short_side=336),
@@ -159,3 +162,25 @@ def test_preset_predictor_segments_into_the_dataset_ids(tiny_configs):
     seg = p.predict()
     assert seg.class_names[:2] == ["sky", "aeroplane"] and seg.labels.shape == (40, 56)
     assert int(seg.labels.max()) < 21
+
+
+def test_sclip_qk_resizes_positions_by_scale_factor(tiny_configs):
+    """SCLIP's q-k baseline runs CLIP's attention with SCLIP's interpolate_pos_encoding: at a non-square window the
+    encoder's positions are the scale-factor rule's, not the exact-size resize the vanilla mode has elsewhere."""
+    import torch
+
+    from clipdense.clip import load_clip
+    from clipdense.clip.dense import resize_grid_embedding
+    from clipdense.inference import preset_predictor
+    from clipdense.inference.predictor import OpenVocabPredictor
+
+    torch.manual_seed(0)
+    clip = load_clip("tiny-ViT", None)
+    p = preset_predictor("sclip-qk", "voc21", clip)
+    assert (p.encoder.mode, p.encoder.pos_resize) == ("vanilla", "scale")
+    assert OpenVocabPredictor(clip, p.config.__class__(mode="vanilla")).encoder.pos_resize == "size"
+    pos = clip.model.visual.positional_embedding
+    assert not torch.allclose(resize_grid_embedding(pos, (5, 7), "bicubic", "scale"),
+                              resize_grid_embedding(pos, (5, 7), "bicubic", "size"))  # fmt: skip
+    with pytest.raises(ValueError, match="ViT"):
+        OpenVocabPredictor(load_clip("tiny-RN", None), p.config)

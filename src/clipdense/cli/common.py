@@ -212,6 +212,9 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODE
     g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default=None,
                    help="QuickGELU activation (default: auto, on for OpenAI weights)")  # fmt: skip
     g.add_argument("--mode", choices=MODES, default=None, help=f"training-free dense mode (default: {d.mode})")
+    g.add_argument("--pos-resize", choices=("size", "scale"), default=None,
+                   help="ViT positional grid resize: size (MaskCLIP, DenseCLIP) or scale (DINO's scale factor: "
+                   "SCLIP, ClearCLIP, NACLIP) (default: the mode's official rule)")  # fmt: skip
     g.add_argument("--templates", default=None, help=f"prompt templates: ensemble, imagenet, scene, single "
                    f"(default: {d.templates}; single for the ShapesWorld CLIP)")  # fmt: skip
     g.add_argument("--short-side", type=non_negative_int, default=None, help=f"resize the short side to this, "
@@ -249,12 +252,13 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODE
 
 
 #: Flags of :func:`add_model_args` that only training-free inference uses (a trained run fixes them).
-TRAINING_FREE_FLAGS = ("model", "pretrained", "random_weights", "quick_gelu", "mode", "templates", "logit_scale",
+TRAINING_FREE_FLAGS = ("model", "pretrained", "random_weights", "quick_gelu", "mode", "pos_resize", "templates",
+                       "logit_scale",
                        "background_threshold", "key_smoothing", "prompt_denoise", "window_batch", "key_norm",
                        "synonyms", "area_threshold", "pamr_steps")  # fmt: skip
 
 #: Flags that set a :class:`~clipdense.config.SegmenterConfig` field of the same name when given.
-_SETTING_FLAGS = ("templates", "short_side", "window", "stride", "mode", "logit_scale", "window_batch",
+_SETTING_FLAGS = ("templates", "short_side", "window", "stride", "mode", "pos_resize", "logit_scale", "window_batch",
                   "background_threshold", "prompt_denoise", "key_smoothing", "key_norm", "synonyms",
                   "area_threshold", "pamr_steps")  # fmt: skip
 

@@ -129,7 +129,10 @@ class OpenVocabPredictor:
     def __init__(self, clip: LoadedCLIP, config: SegmenterConfig | None = None, text: TextEmbedder | None = None):
         self.clip = clip
         self.config = config or SegmenterConfig()
-        self.encoder = dense_clip_encoder(clip.model.visual, self.config.mode).eval()
+        resize = {} if self.config.pos_resize is None else {"pos_resize": self.config.pos_resize}
+        if resize and hasattr(clip.model.visual, "attnpool"):
+            raise ValueError("pos_resize applies to ViT CLIPs (a ResNet's attention pool resizes its grid by size)")
+        self.encoder = dense_clip_encoder(clip.model.visual, self.config.mode, **resize).eval()
         self.text = text or TextEmbedder(clip, self.config.templates)
         self.device = next(clip.model.parameters()).device
         mean, std = (clip.mean, clip.std) if self.config.normalize == "clip" else (IMAGENET_MEAN, IMAGENET_STD)

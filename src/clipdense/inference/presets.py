@@ -39,6 +39,7 @@ REPORTED: dict[str, tuple[tuple[float | None, ...], str]] = {
         "MaskCLIP's configs/maskclip/README.md (its own protocol; no ViT-B/16 config for the other datasets)",
     ),
     "sclip": ((59.1, 30.4, 30.5, 80.4, 34.2, 22.4, 32.2, 16.1), "SCLIP paper, Table 1 (without PAMR)"),
+    "sclip-qk": ((None,) * 8, "not reported by this preset: SCLIP's code with csa=False, its q-k CLIP baseline"),
     "clearclip": ((51.8, 32.6, 33.0, 80.9, 35.9, 23.9, 30.0, 16.7), "ClearCLIP paper, Table 2"),
     "clearclip-shipped": ((None,) * 8, "not reported: the authors name q-q attention for the paper's numbers"),
     "naclip": (
@@ -78,13 +79,17 @@ def _successor(name: str, dataset: str) -> tuple[SegmenterConfig, str]:
     """SCLIP, ClearCLIP (paper or shipped attention) and NACLIP."""
     bg = dataset in _WITH_BACKGROUND
     common = dict(templates="imagenet", resize="mmcv", synonyms="max_prob", patch_fit="truncate")
-    if name == "sclip":
+    if name in ("sclip", "sclip-qk"):
         short = {"cocostuff171": 448, "cityscapes": 560}.get(dataset, 336)
         scale = {"voc21": 65.0, "context60": 50.0, "cocoobject": 50.0}.get(dataset, 40.0)
-        cfg = SegmenterConfig(mode="sclip", short_side=short, window=224, stride=112, logit_scale=scale,
-                              background_threshold=0.1 if bg else None,
+        # sclip-qk: encode_image(csa=False), CLIP's own q-k attention (residual and FFN kept), with SCLIP's
+        # interpolate_pos_encoding (DINO's scale factor), which the vanilla mode alone resizes by size
+        mode, resize = ("sclip", None) if name == "sclip" else ("vanilla", "scale")
+        cfg = SegmenterConfig(mode=mode, pos_resize=resize, short_side=short, window=224, stride=112,
+                              logit_scale=scale, background_threshold=0.1 if bg else None,
                               area_threshold=0.1 if dataset == "voc21" else None, **common)  # fmt: skip
-        return cfg, "SCLIP configs/cfg_{}.py + configs/base_config.py"
+        what = "" if name == "sclip" else " with encode_image(csa=False)"
+        return cfg, f"SCLIP configs/cfg_{{}}.py + configs/base_config.py{what}"
     if name in ("clearclip", "clearclip-shipped"):
         window = 224 if dataset == "cityscapes" else 448
         threshold = {"voc21": 0.5, "context60": 0.15, "cocoobject": 0.4}.get(dataset)
