@@ -127,6 +127,12 @@ class EvalConfig:
     """Attributes:
     mode: ``slide`` or ``whole`` inference.
     short_side: Resize the short side to this before inference (null: keep).
+    resize: The rule of that resize. ``mmcv`` (the authors' mmseg test pipeline): ``Resize((long_max, short_side),
+        keep_ratio=True)`` at each scale, i.e. one factor ``min(long_max / long, short_side / short)`` (so the long
+        side is capped at ``long_max``), sides rounded half up, bilinear on the uint8 image without antialiasing.
+        ``torchvision``: the short side to ``short_side`` exactly, the long side uncapped and truncated,
+        antialiased, on the normalised image.
+    long_max: ``mmcv`` only: the long-side bound (mmseg's 2048), times the scale ratio.
     crop, stride: Sliding-window crop and stride.
     scales: Multi-scale ratios of ``short_side`` (DenseCLIP: 0.5..1.75 step 0.25).
     flip: Average with the horizontally flipped image.
@@ -138,6 +144,8 @@ class EvalConfig:
 
     mode: Literal["slide", "whole"] = "slide"
     short_side: int | None = 512
+    resize: Literal["mmcv", "torchvision"] = "mmcv"
+    long_max: int = 2048
     crop: int = 512
     stride: int = 341
     scales: tuple[float, ...] = (1.0,)

@@ -101,7 +101,8 @@ def test_trained_prediction_in_bands_equals_the_untiled_one(mode, monkeypatch):
     torch.manual_seed(0)
     model = ConvSegmenter().eval()
     image = (torch.rand(3, 90, 120) * 255).to(torch.uint8)
-    cfg = replace(EvalConfig(), mode=mode, short_side=64, crop=48, stride=32, scales=(0.75, 1.0, 1.25), flip=True)
+    cfg = replace(EvalConfig(), mode=mode, short_side=64, crop=48, stride=32, scales=(0.75, 1.0, 1.25), flip=True,
+                  resize="torchvision")  # fmt: skip
     expected = reference_probs(model, image, cfg)
     monkeypatch.setattr("clipdense.inference.bands.BAND_ELEMENTS", 5 * 120 * 7)  # bands of 7 rows
     out = predict_dense(model, image, cfg, keep_probs=True)
@@ -126,3 +127,28 @@ def test_channels_last_and_bf16_inference_agree_with_fp32():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     bf16 = predict_dense(model, image, replace(cfg, precision="bf16"), keep_probs=True).probs
     assert bf16.dtype == torch.float32 and (bf16 - expected).abs().max() < 0.05
+
+
+@pytest.mark.parametrize(
+    ("hw", "scale", "mmseg", "torchvision"),
+    [
+        ((333, 500), 1.0, (512, 769), (512, 768)),  # mmcv rounds half up, torchvision truncates
+        ((333, 500), 0.75, (384, 577), (384, 576)),  # MultiScaleFlipAug: (int(2048 r), int(512 r))
+        ((100, 1200), 1.0, (171, 2048), (512, 6144)),  # the long side capped at 2048
+    ],
+)
+def test_eval_resize_is_mmsegs_test_pipeline(hw, scale, mmseg, torchvision):
+    """mmseg's test pipeline for DenseCLIP/MaskCLIP+: Resize((2048, 512), keep_ratio=True) at each ratio r, one
+    factor min(2048 r / long, 512 r / short), sides int(x * factor + 0.5), on the uint8 image, then Normalize."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from clipdense.inference.sliding import eval_view, normalize
+
+    image = (torch.rand(3, *hw) * 255).to(torch.uint8)
+    h, w = hw
+    factor = min(int(2048 * scale) / max(h, w), int(512 * scale) / min(h, w))
+    assert (int(h * factor + 0.5), int(w * factor + 0.5)) == mmseg
+    view = eval_view(image, scale, EvalConfig())
+    assert tuple(view.shape[-2:]) == mmseg
+    torch.testing.assert_close(view, normalize(TF.resize(image, list(mmseg), antialias=False)))
+    assert tuple(eval_view(image, scale, replace(EvalConfig(), resize="torchvision")).shape[-2:]) == torchvision

@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from clipdense.clip.dense import pad_to_multiple
 from clipdense.config import EvalConfig
+from clipdense.data.transforms import rescale_size
 from clipdense.inference.bands import Reduced, reduce_in_bands, upsample_rows
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,6 +42,32 @@ def normalize(image: torch.Tensor, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_
     mean = torch.tensor(mean, device=image.device).view(3, 1, 1)
     std = torch.tensor(std, device=image.device).view(3, 1, 1)
     return (image.float() / 255 - mean) / std
+
+
+def eval_view(image: torch.Tensor, scale: float, cfg: EvalConfig) -> torch.Tensor:
+    """The normalised view of an image at one test scale ratio.
+
+    With ``cfg.resize == "mmcv"``, mmseg's ``MultiScaleFlipAug(img_scale=(long_max, short_side))``: the scale
+    ``(int(long_max * r), int(short_side * r))``, mmcv's keep-ratio rescale of the uint8 image (bilinear, no
+    antialiasing), then the normalisation; with ``torchvision``, the short side to ``round(short_side * r)``.
+
+    Args:
+        image: 3 x H x W uint8 image.
+        scale: The ratio r (1.0 unless multi-scale).
+        cfg: Evaluation settings (``short_side``, ``resize``, ``long_max``).
+
+    Returns:
+        3 x h x w float image normalised with CLIP's statistics.
+    """
+    if cfg.short_side is None:
+        return normalize(image)
+    if cfg.resize == "mmcv":
+        h, w = image.shape[-2:]
+        size = rescale_size(h, w, (int(cfg.long_max * scale), int(cfg.short_side * scale)))
+        return normalize(image if size == (h, w) else TF.resize(image, list(size), antialias=False))
+    if cfg.resize != "torchvision":
+        raise ValueError(f"unknown eval.resize {cfg.resize!r}; use 'mmcv' or 'torchvision'")
+    return TF.resize(normalize(image), [max(1, round(cfg.short_side * scale))], antialias=True)
 
 
 def _logits(model: nn.Module, x: torch.Tensor, multiple: int = 32, channels_last: bool = False) -> torch.Tensor:
@@ -111,13 +138,10 @@ def predict_dense(
         H x W labels and confidences (and what was asked for).
     """
     h, w = image.shape[-2:]
-    x = normalize(image)
     views = []  # 1 x K x h' x w' logits of each scale (and flip)
     with autocast(image.device.type, cfg.precision):
         for scale in cfg.scales:
-            xs = x
-            if cfg.short_side is not None:
-                xs = TF.resize(x, [max(1, round(cfg.short_side * scale))], antialias=True)
+            xs = eval_view(image, scale, cfg)
             views.append(infer_logits(model, xs[None], cfg))
             if cfg.flip:
                 views.append(infer_logits(model, xs.flip(-1)[None], cfg).flip(-1))
@@ -163,9 +187,7 @@ def predict_uncertainty(model: nn.Module, image: torch.Tensor, cfg: EvalConfig) 
         ``sigma``: K text-side standard deviations (geometric mean over attributes and dimensions).
     """
     h, w = image.shape[-2:]
-    x = normalize(image)
-    if cfg.short_side is not None:
-        x = TF.resize(x, [cfg.short_side], antialias=True)
+    x = eval_view(image, 1.0, cfg)
     padded = pad_to_multiple(x[None], 32)
     out = model(padded)
     if "uncertainty" not in out:
