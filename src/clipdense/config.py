@@ -104,7 +104,9 @@ class TrainConfig:
     batch_size: Images per process per step (global batch = batch_size x world size).
     precision: ``fp32``, ``bf16`` or ``fp16`` autocast (fp16 uses a gradient scaler).
     grad_checkpointing: Recompute activations of the image backbone in the backward pass.
-    sync_bn: Convert BatchNorm to SyncBatchNorm under multi-GPU DDP (CUDA only).
+    sync_bn: SyncBatchNorm under multi-GPU DDP (CUDA only): ``heads`` (the authors' ``norm_cfg=SyncBN`` of the
+        neck and heads; the CLIP backbone's own BatchNorm2d stay per process, as in their code), ``all`` (the
+        backbone's too) or ``off``.
     freeze_bn: Keep BatchNorm layers in eval mode (running statistics fixed).
     """
 
@@ -113,7 +115,7 @@ class TrainConfig:
     batch_size: int = 4
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     grad_checkpointing: bool = False
-    sync_bn: bool = True
+    sync_bn: Literal["heads", "all", "off"] = "heads"
     freeze_bn: bool = False
     seed: int = 0
     log_every: int = 50

@@ -149,3 +149,26 @@ def test_optimiser_choice():
     assert isinstance(build_optimizer(model, OptimConfig()), torch.optim.AdamW)
     with pytest.raises(ValueError, match="unknown optimiser"):
         build_optimizer(model, OptimConfig(name="lamb"))
+
+
+def test_sync_batchnorm_in_the_heads_only():
+    """The authors' configs set norm_cfg=SyncBN on the neck and heads; the CLIP ResNet's BatchNorm2d are plain."""
+    from clipdense.training.engine import convert_sync_batchnorm
+
+    def model():
+        m = nn.Module()
+        m.backbone = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        m.decode_head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        return m
+
+    heads = convert_sync_batchnorm(model(), "heads")
+    assert type(heads.backbone[1]) is nn.BatchNorm2d and type(heads.decode_head[1]) is nn.SyncBatchNorm
+    every = convert_sync_batchnorm(model(), "all")
+    assert type(every.backbone[1]) is nn.SyncBatchNorm and type(every.decode_head[1]) is nn.SyncBatchNorm
+    nested = nn.Module()
+    nested.detector = model()
+    nested.backbone_prefix = "detector.backbone."
+    out = convert_sync_batchnorm(nested, "heads")
+    assert type(out.detector.backbone[1]) is nn.BatchNorm2d and type(out.detector.decode_head[1]) is nn.SyncBatchNorm
+    with pytest.raises(ValueError, match="sync_bn"):
+        convert_sync_batchnorm(model(), "on")

@@ -146,6 +146,25 @@ def param_groups(model: nn.Module, cfg) -> list[dict[str, Any]]:
     return [{"params": ps, "lr": cfg.lr * m, "weight_decay": wd, "lr_mult": m} for (m, wd), ps in groups.items()]
 
 
+def convert_sync_batchnorm(model: nn.Module, which: str = "heads") -> nn.Module:
+    """SyncBatchNorm in place of BatchNorm: ``heads`` outside the image backbone only (``model.backbone_prefix``,
+    default ``backbone.``), ``all`` everywhere."""
+    if which == "all":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if which != "heads":
+        raise ValueError(f"train.sync_bn={which!r}: use 'heads', 'all' or 'off'")
+    parent_name, _, child = getattr(model, "backbone_prefix", "backbone.").rstrip(".").rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    backbone = getattr(parent, child, None)
+    if backbone is None:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    setattr(parent, child, nn.Identity())  # hidden from the conversion, then put back
+    try:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    finally:
+        setattr(parent, child, backbone)
+
+
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW (``name: adamw``) or SGD with momentum (``name: sgd``) over :func:`param_groups`."""
     groups = param_groups(model, cfg)
@@ -368,9 +387,9 @@ def train(
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"{cfg.model.name} does not support gradient checkpointing")
         model.set_grad_checkpointing(True)
-    if world > 1 and device.type == "cuda" and cfg.train.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif world > 1 and cfg.train.sync_bn and main_process:
+    if world > 1 and device.type == "cuda" and cfg.train.sync_bn != "off":
+        model = convert_sync_batchnorm(model, cfg.train.sync_bn)
+    elif world > 1 and cfg.train.sync_bn != "off" and main_process:
         logger.warning("SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on %s", device)
 
     optimizer = build_optimizer(model, cfg.optim)
