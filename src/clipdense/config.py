@@ -47,6 +47,9 @@ class DataConfig:
     ratio_range: Random rescale ratio range.
     cat_max_ratio: Max share of one class in a random crop.
     photometric: Photometric distortion on/off.
+    colour: Its colour maths: ``mmseg`` (the authors': contrast ``a * img``, saturation and hue in OpenCV's 8-bit
+        HSV) or ``torchvision`` (blends with the mean grey / the greyscale image, continuous hue shift).
+    antialias: Antialias the random rescale when it shrinks (False: mmcv's OpenCV bilinear).
     workers: DataLoader workers per process.
     skip_bad: Skip (and count) unreadable/invalid samples instead of stopping with an error.
     """
@@ -60,6 +63,8 @@ class DataConfig:
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     photometric: bool = True
+    colour: Literal["mmseg", "torchvision"] = "mmseg"
+    antialias: bool = False
     workers: int = 4
     skip_bad: bool = False
     with_masks: bool = False

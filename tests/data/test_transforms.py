@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
@@ -212,9 +213,9 @@ def test_photometric_changes_image_never_mask() -> None:
         distortion(tv_tensors.Image(image.float()))
 
 
-def test_photometric_steps() -> None:
+def test_photometric_steps_torchvision_colour() -> None:
     image = tv_tensors.Image(torch.arange(3 * 8 * 8, dtype=torch.uint8).view(3, 8, 8) * 3)
-    distortion = PhotoMetricDistortion()
+    distortion = PhotoMetricDistortion(colour="torchvision")
     none = {"brightness": None, "contrast_first": True, "contrast": None, "saturation": None, "hue": None}
     brighter = distortion.transform(image, {**none, "brightness": 20.7})
     assert isinstance(brighter, tv_tensors.Image)
@@ -253,3 +254,64 @@ def test_eval_transform() -> None:
     assert torch.allclose(unnormalise(same["image"]), image.float(), atol=1e-3)
     with pytest.raises(TypeError, match="uint8 3 x H x W"):
         build_eval_transform(32)(make_sample(image.float(), label))
+
+
+def _mmseg_photometric(bgr, brightness, contrast_first, contrast, saturation, hue):
+    """mmseg's PhotoMetricDistortion.__call__ (mmseg 0.x) on an H x W x 3 BGR uint8 array with the draws fixed."""
+    import cv2
+
+    def convert(img, alpha=1.0, beta=0.0):
+        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    img = bgr
+    if brightness is not None:
+        img = convert(img, beta=brightness)
+    if contrast_first and contrast is not None:
+        img = convert(img, alpha=contrast)
+    if saturation is not None:
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=saturation)
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if hue is not None:
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + hue) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if not contrast_first and contrast is not None:
+        img = convert(img, alpha=contrast)
+    return img
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_photometric_is_mmsegs(seed) -> None:
+    """The default colour maths against mmseg's own steps on OpenCV (BGR in, as mmcv loads images): equal but for
+    a few values one level apart (OpenCV's HSV -> BGR truncates in its vector loop, rounds in its scalar tail, and
+    may dispatch to IPP); torchvision's colour maths are tens of levels away."""
+    pytest.importorskip("cv2")
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    params = {"brightness": float(rng.uniform(-32, 32)), "contrast_first": bool(seed % 2),
+              "contrast": float(rng.uniform(0.5, 1.5)), "saturation": float(rng.uniform(0.5, 1.5)),
+              "hue": float(rng.uniform(-18, 18))}  # fmt: skip
+    image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))
+    theirs = _mmseg_photometric(rgb[:, :, ::-1].copy(), **{**params, "hue": int(np.floor(params["hue"]))})
+    theirs = theirs[:, :, ::-1].astype(int)
+    diff = np.abs(PhotoMetricDistortion().transform(image, params).permute(1, 2, 0).numpy() - theirs)
+    assert diff.max() <= 1 and (diff > 0).mean() < 2e-3
+    blend = PhotoMetricDistortion(colour="torchvision").transform(image, params).permute(1, 2, 0).numpy()
+    assert np.abs(blend - theirs).mean() > 5
+
+
+def test_opencv_hsv_conversions() -> None:
+    """rgb_to_hsv8 equals cv2's integer conversion everywhere; hsv8_to_rgb is within one level of cv2's (equal for
+    all but a few values)."""
+    cv2 = pytest.importorskip("cv2")
+    from clipdense.data.photometric import hsv8_to_rgb, rgb_to_hsv8
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (50, 128, 3), dtype=np.uint8)
+    rgb[0, :, :] = np.arange(128)[:, None]  # greys (saturation 0)
+    hsv = rgb_to_hsv8(torch.from_numpy(rgb).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(hsv, cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV))
+    back = hsv8_to_rgb(torch.from_numpy(hsv).permute(2, 0, 1)).permute(1, 2, 0).numpy().astype(int)
+    diff = np.abs(back - cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 2e-3

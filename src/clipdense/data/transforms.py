@@ -17,6 +17,7 @@ pipeline reproducible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from clipdense.data.photometric import mmseg_contrast, mmseg_hue, mmseg_saturation
 
 # open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD (RGB, for images in [0, 1]), copied so that the data
 # pipeline does not import open_clip (seconds per DataLoader worker); a test pins them to open_clip's values.
@@ -85,17 +88,24 @@ class RandomRescale(v2.Transform):
 
     Draws ``r ~ U(ratio_range)``, sets the target scale to ``(int(scale[0] * r), int(scale[1] * r))`` and
     rescales so that the long side is <= the larger and the short side <= the smaller target (see
-    :func:`rescale_size`). Images use bilinear interpolation with antialiasing (mmcv uses OpenCV's
-    ``INTER_LINEAR`` without antialiasing, which aliases when shrinking by more than 2x); masks use nearest.
+    :func:`rescale_size`). Images use bilinear interpolation, by default without antialiasing as mmcv's OpenCV
+    ``INTER_LINEAR`` (which aliases when shrinking by more than 2x; ``antialias=True`` smooths first); masks use
+    nearest.
     Unlike :class:`torchvision.transforms.v2.ScaleJitter`, the bounds apply to the long/short side rather
     than to height/width, so portrait and landscape images are treated alike.
 
     Args:
         scale: Base ``(long, short)`` scale, e.g. ``(2048, 512)``.
         ratio_range: Range ``(low, high)`` of the random ratio r.
+        antialias: Antialias the image when shrinking (False: mmcv's).
     """
 
-    def __init__(self, scale: tuple[int, int] = (2048, 512), ratio_range: tuple[float, float] = (0.5, 2.0)) -> None:
+    def __init__(
+        self,
+        scale: tuple[int, int] = (2048, 512),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        antialias: bool = False,
+    ) -> None:
         super().__init__()
         if len(scale) != 2 or min(scale) < 1:
             raise ValueError(f"scale must be a (long, short) pair of positive ints, got {scale}")
@@ -103,6 +113,7 @@ class RandomRescale(v2.Transform):
             raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {ratio_range}")
         self.scale = (int(scale[0]), int(scale[1]))
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
+        self.antialias = antialias
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
@@ -112,7 +123,7 @@ class RandomRescale(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         # F.resize dispatches on the tv_tensor type: masks are always resized with nearest.
-        return F.resize(inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        return F.resize(inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=self.antialias)
 
 
 class RandomCropCatMax(v2.Transform):
@@ -180,16 +191,13 @@ class PhotoMetricDistortion(v2.Transform):
     """mmseg's ``PhotoMetricDistortion`` on uint8 images (masks pass through unchanged).
 
     Order: brightness, then contrast either first or last (50/50), saturation, hue; each step is applied
-    with probability 0.5, and the image is rounded to uint8 after each step, as in mmseg. Differences from
-    mmseg's arithmetic (same parameters, slightly different colour maths):
-
-    - brightness: the same additive ``img + U(-delta, delta)``, clipped and truncated to uint8.
-    - contrast: :func:`~torchvision.transforms.v2.functional.adjust_contrast` blends with the mean grey
-      level, ``a * img + (1 - a) * mean``; mmseg scales ``a * img``, which also changes brightness.
-    - saturation: ``adjust_saturation`` blends with the greyscale image; mmseg scales the S channel of
-      OpenCV's 8-bit HSV.
-    - hue: ``adjust_hue`` shifts the hue continuously by ``U(-delta, delta) / 180`` of the circle in float
-      HSV; mmseg adds an integer in ``[-delta, delta)`` to OpenCV's 8-bit hue (0-180 scale).
+    with probability 0.5, and the image is back in uint8 after each step, as in mmseg. Brightness is mmseg's
+    ``img + U(-delta, delta)``, clipped and truncated. ``colour="mmseg"`` (default) does the rest as mmseg
+    (:mod:`clipdense.data.photometric`): contrast ``a * img``; saturation: the S channel of OpenCV's 8-bit HSV
+    times ``a``; hue: an integer in ``[-delta, delta)`` added to the 8-bit hue (0-179), modulo 180.
+    ``colour="torchvision"`` uses torchvision's colour maths instead: ``adjust_contrast`` blends with the mean
+    grey (``a * img + (1 - a) * mean``, brightness kept), ``adjust_saturation`` with the greyscale image, and
+    ``adjust_hue`` shifts continuously by ``U(-delta, delta) / 180`` of the circle in float HSV.
 
     Args:
         brightness_delta: Maximal additive brightness change, in uint8 levels.
@@ -197,6 +205,7 @@ class PhotoMetricDistortion(v2.Transform):
         saturation_range: Range of the saturation factor.
         hue_delta: Maximal hue shift on the 0-180 scale (18 = 36 degrees).
         p: Probability of each step.
+        colour: ``mmseg`` or ``torchvision`` colour maths (see above).
     """
 
     def __init__(
@@ -206,8 +215,12 @@ class PhotoMetricDistortion(v2.Transform):
         saturation_range: tuple[float, float] = (0.5, 1.5),
         hue_delta: float = 18,
         p: float = 0.5,
+        colour: str = "mmseg",
     ) -> None:
         super().__init__()
+        if colour not in ("mmseg", "torchvision"):
+            raise ValueError(f"unknown colour maths {colour!r}; use 'mmseg' or 'torchvision'")
+        self.colour = colour
         if not 0 <= hue_delta <= 90:
             raise ValueError(f"hue_delta is on the 0-180 hue scale and must be in [0, 90], got {hue_delta}")
         self.brightness_delta = float(brightness_delta)
@@ -249,15 +262,26 @@ class PhotoMetricDistortion(v2.Transform):
         if params["brightness"] is not None:
             shifted = (image.float() + params["brightness"]).clamp_(0, 255).to(torch.uint8)
             image = tv_tensors.wrap(shifted, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else shifted
-        if params["contrast_first"] and params["contrast"] is not None:
-            image = F.adjust_contrast(image, params["contrast"])
-        if params["saturation"] is not None:
-            image = F.adjust_saturation(image, params["saturation"])
-        if params["hue"] is not None:
-            image = F.adjust_hue(image, params["hue"] / 180.0)
-        if not params["contrast_first"] and params["contrast"] is not None:
-            image = F.adjust_contrast(image, params["contrast"])
+        if self.colour == "mmseg":
+            contrast, saturation, hue = mmseg_contrast, mmseg_saturation, _mmseg_hue
+        else:
+            contrast, saturation, hue = F.adjust_contrast, F.adjust_saturation, _torchvision_hue
+        steps = [("contrast", contrast)] if params["contrast_first"] else []
+        steps += [("saturation", saturation), ("hue", hue)]
+        steps += [] if params["contrast_first"] else [("contrast", contrast)]
+        for key, op in steps:
+            if params[key] is not None:
+                out = op(image.as_subclass(torch.Tensor), params[key])
+                image = tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
         return image
+
+
+def _mmseg_hue(image: torch.Tensor, delta: float) -> torch.Tensor:
+    return mmseg_hue(image, math.floor(delta))  # mmseg's integer shift in [-hue_delta, hue_delta)
+
+
+def _torchvision_hue(image: torch.Tensor, delta: float) -> torch.Tensor:
+    return F.adjust_hue(image, delta / 180.0)
 
 
 class PadToSize(v2.Transform):
@@ -344,6 +368,8 @@ def build_train_transform(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     ignore_index: int = 255,
+    colour: str = "mmseg",
+    antialias: bool = False,
 ) -> SampleTransform:
     """Builds DenseCLIP's (mmseg's) training augmentation for ``SegmentationDataset(transform=...)``.
 
@@ -361,6 +387,8 @@ def build_train_transform(
         mean: Per-channel mean for images scaled to [0, 1] (RGB).
         std: Per-channel std for images scaled to [0, 1] (RGB).
         ignore_index: Label value for padding and ignored pixels.
+        colour: :class:`PhotoMetricDistortion`'s colour maths (``mmseg`` or ``torchvision``).
+        antialias: :class:`RandomRescale`'s antialiasing (False: mmcv's).
 
     Returns:
         A callable mapping a sample dict with ``"image"`` uint8 3 x H x W and ``"label"`` int64 H x W to the
@@ -369,12 +397,12 @@ def build_train_transform(
     """
     crop = _pair(crop_size, "crop_size")
     steps: list[v2.Transform] = [
-        RandomRescale(scale=scale, ratio_range=ratio_range),
+        RandomRescale(scale=scale, ratio_range=ratio_range, antialias=antialias),
         RandomCropCatMax(crop, cat_max_ratio=cat_max_ratio, ignore_index=ignore_index),
         v2.RandomHorizontalFlip(p=flip),
     ]
     if photometric:
-        steps.append(PhotoMetricDistortion())
+        steps.append(PhotoMetricDistortion(colour=colour))
     steps += _normalise(mean, std)
     steps.append(PadToSize(crop, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}))
     return SampleTransform(v2.Compose(steps), with_label=True)

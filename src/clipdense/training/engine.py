@@ -331,6 +331,8 @@ def _training_data(cfg: ExperimentConfig, detection: bool):
         cat_max_ratio=cfg.data.cat_max_ratio,
         photometric=cfg.data.photometric,
         ignore_index=dataset.ignore_index,
+        colour=cfg.data.colour,
+        antialias=cfg.data.antialias,
     )
     return dataset, collate_skip_none
 
