@@ -128,6 +128,17 @@ def test_random_rescale_bounds(ratio: float, size: tuple[int, int]) -> None:
     assert set(out_mask.unique().tolist()) <= {0, 1, 2}
 
 
+def test_random_rescale_is_mmcvs_bilinear_without_antialiasing() -> None:
+    """mmcv's imrescale is OpenCV's INTER_LINEAR: no smoothing before shrinking (antialias=True is the option)."""
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8))
+    params = {"ratio": 0.25, "size": [30, 40]}
+    plain = nnf.interpolate(image[None].float(), size=(30, 40), mode="bilinear", align_corners=False)[0]
+    out = RandomRescale().transform(image, params)
+    assert (out.int() - plain.round().int()).abs().max() <= 1  # uint8 rounding
+    smooth = RandomRescale(antialias=True).transform(image, params)
+    assert (smooth.float() - plain).abs().mean() > 5  # a 4x shrink of noise: antialiasing averages it out
+
+
 def test_random_rescale_draws_ratio_in_range() -> None:
     rescale = RandomRescale(scale=(2048, 512), ratio_range=(0.5, 2.0))
     torch.manual_seed(0)
