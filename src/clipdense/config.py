@@ -107,7 +107,8 @@ class TrainConfig:
     iters: Total optimiser steps.
     epochs: If set, train this many epochs instead (iters = epochs x (dataset size // global batch)).
     batch_size: Images per process per step (global batch = batch_size x world size).
-    precision: ``fp32``, ``bf16`` or ``fp16`` autocast (fp16 uses a gradient scaler).
+    precision: ``fp32`` (the authors' DenseCLIP, PPL and MaskCLIP+ training), ``bf16`` or ``fp16`` autocast (fp16
+        uses a gradient scaler).
     grad_checkpointing: Recompute activations of the image backbone in the backward pass.
     sync_bn: SyncBatchNorm under multi-GPU DDP (CUDA only): ``heads`` (the authors' ``norm_cfg=SyncBN`` of the
         neck and heads; the CLIP backbone's own BatchNorm2d stay per process, as in their code), ``all`` (the
@@ -118,7 +119,7 @@ class TrainConfig:
     iters: int = 80000
     epochs: int | None = None
     batch_size: int = 4
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_checkpointing: bool = False
     sync_bn: Literal["heads", "all", "off"] = "heads"
     freeze_bn: bool = False
