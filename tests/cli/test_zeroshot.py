@@ -67,3 +67,17 @@ def test_eval_zeroshot_default_report_goes_under_outputs(tiny_checkpoints, tmp_p
     assert sorted(p.name for p in work.iterdir()) == ["outputs"]
     assert json.loads((work / "outputs" / "eval_ade20k_maskclip.json").read_text())["images"] == 3
     assert json.loads((work / "outputs" / "eval_ade20k_maskclip_limit2.json").read_text())["images"] == 2
+
+
+def test_eval_zeroshot_on_shapesworld_uses_the_shipped_clip(tmp_path, capsys):
+    """No model flags: the shipped ShapesWorld CLIP (offline), with its own settings, as `segment` and `demo`."""
+    from clipdense.data.shapesworld import generate_dataset
+
+    root = generate_dataset(tmp_path / "sw", 1, 2, seed=5, fmt="semantic", image_size=64, progress=False)
+    out = tmp_path / "sw.json"
+    code, _, err = _run(capsys, "eval-zeroshot", "--dataset", "shapesworld", "--root", root, "--split", "validation",
+                        "--out", out)  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["images"] == 2 and report["settings"]["model"].startswith("ShapesCLIP-RN")
+    assert report["settings"]["templates"] == "single"

@@ -27,7 +27,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     severities = LazyChoices("clipdense.evaluation.robustness", "SEVERITIES")
 
     p = sub.add_parser("eval-zeroshot", help="training-free evaluation on a segmentation dataset")
-    p.add_argument("--dataset", required=True, choices=datasets, metavar="NAME", help="%(choices)s")
+    p.add_argument("--dataset", required=True, choices=datasets, metavar="NAME",
+                   help="%(choices)s (shapesworld: the shipped ShapesWorld CLIP unless --model is given)")  # fmt: skip
     p.add_argument("--root", required=True, help="dataset folder in its standard layout")
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
@@ -83,6 +84,14 @@ def _corruption_from_args(args: argparse.Namespace) -> dict | None:
     return {"name": args.corruption, "severity": args.severity, "seed": args.corruption_seed}
 
 
+def _shapesworld_default(args: argparse.Namespace) -> None:
+    """ShapesWorld's scenes default to the shipped ShapesWorld CLIP (offline), as ``segment`` and ``demo`` do."""
+    from clipdense.cli.common import OFFLINE_MODEL
+
+    if args.dataset == "shapesworld" and getattr(args, "preset", None) is None:
+        args.default_model = OFFLINE_MODEL
+
+
 def _mode(args: argparse.Namespace) -> str:
     from clipdense.inference import SegmenterConfig
 
@@ -127,6 +136,7 @@ def cmd_eval_zeroshot(args: argparse.Namespace) -> None:
     from clipdense.data.datasets import build_dataset
     from clipdense.evaluation.segmentation import evaluate_predictor
 
+    _shapesworld_default(args)
     corruption = _corruption_from_args(args)
     preset = _preset(args)
     name = f"eval_{args.dataset}_{args.preset or _mode(args)}"
@@ -159,6 +169,7 @@ def cmd_robustness(args: argparse.Namespace) -> None:
     from clipdense.evaluation.robustness import CORRUPTIONS, SEVERITIES, format_table, robustness_sweep
 
     _require_corruptions()
+    _shapesworld_default(args)
     name = f"robustness_{args.dataset}_{_mode(args)}{_limit_suffix(args)}.json"
     out = check_output(args.out or REPORTS / name, folder=False)
     dataset = build_dataset(args.dataset, args.root, args.split)
