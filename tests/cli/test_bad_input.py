@@ -141,6 +141,25 @@ def test_help_shows_defaults(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
+def test_every_option_of_every_command_has_a_help_line():
+    import argparse
+
+    from clipdense.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction | argparse._VersionAction) and not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "clipdense")
+    assert not missing, missing
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

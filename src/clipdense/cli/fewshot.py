@@ -47,8 +47,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = fs.add_parser("grid", help="zero-shot vs each config at several shots and seeds: a markdown table")
     p.add_argument("configs", nargs="+", help="method configs on one dataset (e.g. configs/fewshot/shapesworld_*)")
-    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="k-shot settings")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (the k-shot draw and training)")
     p.add_argument("--no-zeroshot", action="store_true", help="leave out the zero-shot CLIP column")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
     p.add_argument("--out", default="runs/fewshot_grid", help="runs and table.md/table.json go here; finished "

@@ -18,8 +18,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="segment a rendered ShapesWorld scene with the ShapesWorld CLIP")
     p.add_argument("--seed", type=int, default=7, help="scene seed")
-    p.add_argument("--mode", choices=MODES, default="maskclip")
-    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--mode", choices=MODES, default="maskclip", help="training-free dense mode")
+    p.add_argument("--out", default="outputs/demo", help="folder for demo.png and the prediction files")
     _add_shapes_model_args(p)
     p.set_defaults(func=cmd_demo)
 
@@ -27,17 +27,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         dest="shapesworld_command", required=True
     )
     p = sw.add_parser("generate", help="write a ShapesWorld dataset (ADE20K-like and/or COCO layout)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--train", type=int, default=1000, help="training scenes")
     p.add_argument("--val", type=int, default=200, help="validation scenes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=("semantic", "coco", "both"), default="both")
-    p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--seed", type=int, default=0, help="base seed: each scene is drawn with this plus its index")
+    p.add_argument("--format", choices=("semantic", "coco", "both"), default="both",
+                   help="semantic: ADE20K-like label maps; coco: COCO instances JSON; both")  # fmt: skip
+    p.add_argument("--image-size", type=int, default=160, help="scene side in pixels")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.set_defaults(func=cmd_shapesworld_generate)
     # Only for `clipdense --help`: main() hands `shapesworld train ...` to the pre-training script's own parser.
     p = sw.add_parser("train", help="contrastive CLIP training on ShapesWorld (see its --help)")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the pre-training options (see its --help)")
     p.set_defaults(func=cmd_shapesworld_train)
     p = sw.add_parser("report", help="measure the papers' claims in ShapesWorld (about 90 min on 2 CPU cores)")
     p.add_argument("--out", default="report", help="output folder: data, runs, report.md and report.json (default: "

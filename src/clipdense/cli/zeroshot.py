@@ -30,7 +30,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, choices=datasets, metavar="NAME",
                    help="%(choices)s (shapesworld: the shipped ShapesWorld CLIP unless --model is given)")  # fmt: skip
     p.add_argument("--root", required=True, help="dataset folder in its standard layout")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the dataset's split to evaluate")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     p.add_argument("--out", default=None, help=f"JSON report path (default: {REPORTS}/eval_<dataset>_<mode>"
                    "[_<corruption><severity>][_limit<N>].json)")  # fmt: skip
@@ -52,7 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("robustness", help="mIoU under ImageNet-C corruptions x severities (MaskCLIP Tables 4/5)")
     p.add_argument("--dataset", required=True, choices=datasets, metavar="NAME", help="%(choices)s")
     p.add_argument("--root", required=True, help="dataset folder in its standard layout")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the dataset's split to evaluate")
     p.add_argument("--corruptions", nargs="+", choices=corruptions, default=None, metavar="NAME",
                    help="corruptions: %(choices)s (default: all eight of MaskCLIP's study)")  # fmt: skip
     p.add_argument("--severities", nargs="+", type=int, choices=severities, default=None, metavar="N",
