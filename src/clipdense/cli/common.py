@@ -253,9 +253,8 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODE
 
 #: Flags of :func:`add_model_args` that only training-free inference uses (a trained run fixes them).
 TRAINING_FREE_FLAGS = ("model", "pretrained", "random_weights", "quick_gelu", "mode", "pos_resize", "templates",
-                       "logit_scale",
-                       "background_threshold", "key_smoothing", "prompt_denoise", "window_batch", "key_norm",
-                       "synonyms", "area_threshold", "pamr_steps")  # fmt: skip
+                       "logit_scale", "background_threshold", "key_smoothing", "prompt_denoise", "window_batch",
+                       "key_norm", "synonyms", "area_threshold", "pamr_steps")  # fmt: skip
 
 #: Flags that set a :class:`~clipdense.config.SegmenterConfig` field of the same name when given.
 _SETTING_FLAGS = ("templates", "short_side", "window", "stride", "mode", "pos_resize", "logit_scale", "window_batch",

@@ -13,8 +13,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from clipdense.data.fewshot import Datum, ImageItems, few_shot_splits, read_fewshot_dataset
-from clipdense.inference.fewshot import FewShotConfig, eval_transform, load_fewshot_config, load_fewshot_run
+from clipdense.data.fewshot import Datum, ImageItems, read_fewshot_dataset
+from clipdense.inference.fewshot import (
+    FewShotConfig,
+    eval_transform,
+    load_fewshot_config,
+    load_fewshot_run,
+    run_splits,
+)
 
 
 @dataclass
@@ -92,7 +98,7 @@ def _split_items(cfg: FewShotConfig, split: str, root: str | None, classes: str)
     if split not in ("test", "val"):
         raise ValueError(f"unknown split {split!r}; use 'test' or 'val'")
     full = read_fewshot_dataset(cfg.data.dataset, root or cfg.data.root)
-    splits = few_shot_splits(full, cfg.data.shots, cfg.train.seed, cfg.data.dataset, classes, cfg.data.repeat)
+    splits = run_splits(cfg, full, classes)
     return (splits.test if split == "test" else splits.val), splits.class_names
 
 

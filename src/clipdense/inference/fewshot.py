@@ -26,7 +26,7 @@ from torch import nn
 
 from clipdense.checkpoints import load_state_dict_strict, skip_init
 from clipdense.config import ConfigError, _build, _merge, _plain, _read_yaml, parse_overrides
-from clipdense.data.fewshot import LAYOUTS, SUBSAMPLES
+from clipdense.data.fewshot import LAYOUTS, SUBSAMPLES, FewShotSplits, few_shot_splits
 from clipdense.fileio import atomic_write_text
 from clipdense.inference.adapters import FewShotAdapterConfig, adapter_recipe, is_adapter
 
@@ -289,6 +289,14 @@ class _Trainable(nn.Module):
             self.meta_net = model.meta_net
 
 
+def run_splits(cfg: FewShotConfig, full: FewShotSplits, classes: str | None = None) -> FewShotSplits:
+    """The k-shot splits of a run: its dataset, shots, seed and draw rule, and its class subset unless ``classes``
+    names another (CoCoOp's base-to-new evaluation)."""
+    d = cfg.data
+    subset = d.subsample_classes if classes is None else classes
+    return few_shot_splits(full, d.shots, cfg.train.seed, d.dataset, subset, d.repeat)
+
+
 def load_fewshot_run(
     run_dir: str | Path, device: str | torch.device = "cpu", class_names: Sequence[str] | None = None
 ) -> tuple[nn.Module, FewShotConfig]:
@@ -467,6 +475,7 @@ __all__ = [
     "load_fewshot_run",
     "official_batch_size",
     "official_epochs",
+    "run_splits",
     "save_fewshot_config",
     "train_transform",
 ]

@@ -33,7 +33,7 @@ from torch import nn
 from clipdense.clip.loading import LoadedCLIP, load_clip
 from clipdense.clip.text import class_text_embeddings
 from clipdense.models._build import DEFAULT_PRETRAINED, check_classes
-from clipdense.models.fewshot import PLOT, prompt_classifier_from_clip, similarity_plans, transport_plans
+from clipdense.models.fewshot import PLOT, prompt_classifier_from_clip, similarity_plans
 from clipdense.models.registry import register_model
 
 #: Tip-Adapter's fixed scale of the zero-shot logits (``100. * features @ clip_weights``).
@@ -249,12 +249,9 @@ class PLOTAdapter(_CacheAdapter):
         """PLOT's logits as the adapter's ``CustomCLIP`` computes them: 0.5 (OT logits + global logits), the global
         ones against the normalised mean of the N raw prompt features."""
         plot = self.plot
-        text = plot.raw_text_features().view(plot.prompt_learner.n_prompts, plot.num_classes, -1)
-        sim, plan = transport_plans(local.to(text.dtype), F.normalize(text, dim=-1), plot.eps, plot.max_iter,
-                                    plot.thresh)  # fmt: skip
-        scale = plot.logit_scale.exp()
-        pool = F.normalize(text.mean(dim=0), dim=-1)
-        return (0.5 * scale * ((plan * sim).sum(dim=(2, 3)) + global_feat.to(pool.dtype) @ pool.t())).float()
+        text = plot.raw_text_features()
+        feats = (global_feat.to(text.dtype), local.to(text.dtype))
+        return (0.5 * plot.logits_from_features(*feats, text, global_logits=True)).float()
 
     def base_logits(self, feats: Sequence[torch.Tensor], training: bool = False) -> torch.Tensor:
         """CLIP's zero-shot logits, plus ``plot_weight`` x PLOT's logits outside training."""

@@ -503,26 +503,31 @@ class PLOT(_PromptClassifier):
         grid = (int(feats.dense.shape[-2]), int(feats.dense.shape[-1]))
         return F.normalize(feats.global_embed, dim=-1), F.normalize(local, dim=-1), grid
 
-    def logits_from_features(self, global_feat: torch.Tensor, local: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def logits_from_features(
+        self, global_feat: torch.Tensor, local: torch.Tensor, text: torch.Tensor, global_logits: bool | None = None
+    ) -> torch.Tensor:
         """Args:
-            global_feat: B x D normalised global image features (used with ``global_logits`` only).
+            global_feat: B x D normalised global image features (used with the global term only).
             local: B x M x D normalised local features.
             text: (N*C) x D prompt features before normalisation (:meth:`raw_text_features`), N-major.
+            global_logits: Add the global term (None: the model's ``global_logits``; PLOT-Adapter always adds it).
 
         Returns:
             B x C logits.
         """
         text = text.view(self.prompt_learner.n_prompts, self.num_classes, -1)
         plans = transport_plans(local, F.normalize(text, dim=-1), self.eps, self.max_iter, self.thresh)
-        return self._logits(global_feat, text, *plans)
+        return self._logits(global_feat, text, *plans, self.global_logits if global_logits is None else global_logits)
 
-    def _logits(self, global_feat: torch.Tensor, text: torch.Tensor, sim: torch.Tensor, plan: torch.Tensor):
+    def _logits(
+        self, global_feat: torch.Tensor, text: torch.Tensor, sim: torch.Tensor, plan: torch.Tensor, with_global: bool
+    ) -> torch.Tensor:
         """B x C logits from the N x C x D prompt features (before normalisation) and the B x C x M x N cosines and
         plans. The global term pools the prompts as the official code: the mean of the N raw prompt features, then
         normalised (not the mean of the normalised ones)."""
         scale = self.logit_scale.exp()
         logits = scale * (plan * sim).sum(dim=(2, 3))
-        if self.global_logits:
+        if with_global:
             logits = logits + scale * global_feat @ F.normalize(text.mean(dim=0), dim=-1).t()
         return logits
 
@@ -551,7 +556,7 @@ class PLOT(_PromptClassifier):
         global_feat, local, (h, w) = self._encode(images)
         text = self.raw_text_features().view(self.prompt_learner.n_prompts, self.num_classes, -1)
         sim, plan = transport_plans(local, F.normalize(text, dim=-1), self.eps, self.max_iter, self.thresh)  # forward's
-        logits = self._logits(global_feat, text, sim, plan)
+        logits = self._logits(global_feat, text, sim, plan, self.global_logits)
         classes = logits.topk(min(top_k, self.num_classes), dim=-1).indices  # B x K
         pick = classes[:, :, None, None].expand(-1, -1, *plan.shape[2:])
         sim, plan = sim.gather(1, pick), plan.gather(1, pick)  # B x K x M x N

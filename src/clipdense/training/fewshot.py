@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from clipdense.data.fewshot import ImageItems, export_shapesworld_fewshot, few_shot_splits, read_fewshot_dataset
+from clipdense.data.fewshot import ImageItems, export_shapesworld_fewshot, read_fewshot_dataset
 from clipdense.fileio import atomic_write_json
 from clipdense.inference.adapters import is_adapter
 from clipdense.inference.fewshot import (
@@ -31,6 +31,7 @@ from clipdense.inference.fewshot import (
     load_fewshot_config,
     official_batch_size,
     official_epochs,
+    run_splits,
     save_fewshot_config,
     train_transform,
 )
@@ -64,8 +65,7 @@ def prepare_splits(cfg: FewShotConfig):
     if cfg.data.dataset == "shapesworld":
         export_shapesworld_fewshot(cfg.data.root)
     full = read_fewshot_dataset(cfg.data.dataset, cfg.data.root)
-    data = cfg.data
-    return few_shot_splits(full, data.shots, cfg.train.seed, data.dataset, data.subsample_classes, data.repeat)
+    return run_splits(cfg, full)
 
 
 def _check_resume(run_dir, cfg: FewShotConfig) -> None:
